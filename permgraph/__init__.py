@@ -1,0 +1,35 @@
+"""permgraph: trace any PyTorch model into a verified graph of permutation-coupled axes.
+
+Public API (everything else is private)::
+
+    spec = permgraph.trace(model)                 # verified PermutationSpec
+    perm = permgraph.random_permutation(spec, 0)  # one permutation per group
+    model2 = permgraph.apply(model, spec, perm)   # same function, units reordered
+"""
+
+from . import models as models
+from ._trace import trace as trace
+from ._verify import EquivalenceResult as EquivalenceResult
+from ._verify import check_equivalence as check_equivalence
+from .errors import PermgraphError as PermgraphError
+from .errors import SpecMismatchError as SpecMismatchError
+from .errors import TraceError as TraceError
+from .errors import VerificationError as VerificationError
+from .permutation import Permutation as Permutation
+from .permutation import apply as apply
+from .permutation import compose as compose
+from .permutation import identity as identity
+from .permutation import inverse as inverse
+from .permutation import random_permutation as random_permutation
+from .spec import AxisRef as AxisRef
+from .spec import FrozenPart as FrozenPart
+from .spec import Group as Group
+from .spec import PermutationSpec as PermutationSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AxisRef", "EquivalenceResult", "FrozenPart", "Group", "Permutation", "PermgraphError",
+    "PermutationSpec", "SpecMismatchError", "TraceError", "VerificationError", "apply", "check_equivalence",
+    "compose", "identity", "inverse", "models", "random_permutation", "trace",
+]

@@ -1,0 +1,482 @@
+"""Tracing: torch.export -> axis propagation over the ATen graph -> PermutationSpec (-> verification)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import networkx as nx
+import torch
+from torch import nn
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ._atoms import Atoms, StructureError
+from ._rules import lookup
+from .errors import TraceError
+from .spec import AxisRef, FrozenPart, PermutationSpec
+
+Label = tuple  # tuple[int, ...]
+
+
+class Propagator:
+    """Walks the exported graph once, labelling every tensor dim with an atom (an fx-Interpreter-like
+    pass that needs no real tensors: shapes come from ``node.meta["val"]``)."""
+
+    def __init__(self, exported: torch.export.ExportedProgram):
+        self.ep = exported
+        self.atoms = Atoms()
+        self.env: dict[torch.fx.Node, object] = {}
+        self.param_labels: dict[str, Label] = {}
+        self.unknown_ops: dict[str, int] = {}
+        self.node: torch.fx.Node | None = None
+
+    # ------------------------------------------------------------------ context API used by rules
+    def meta(self, node):
+        return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+    def shape(self, node) -> tuple[int, ...] | None:
+        v = self.meta(node)
+        if isinstance(v, torch.Tensor):
+            return tuple(int(s) for s in v.shape)
+        return None
+
+    def opname(self, node) -> str:
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return t.overloadpacket.__name__
+        return getattr(t, "__name__", str(t))
+
+    def label(self, arg) -> Label:
+        lab = self.env.get(arg)
+        if not isinstance(lab, tuple):
+            raise StructureError(f"no tensor label for argument {arg}")
+        return lab
+
+    def tensor_args(self, node) -> list[torch.fx.Node]:
+        out = []
+        for a in list(node.args) + list(node.kwargs.values()):
+            if isinstance(a, torch.fx.Node) and isinstance(self.env.get(a), tuple):
+                out.append(a)
+        return out
+
+    def size(self, a: int) -> int:
+        return self.atoms.size(a)
+
+    def fresh(self, shape: Sequence[int], frozen: str | None = None) -> Label:
+        return tuple(self.atoms.new(int(s), frozen) for s in shape)
+
+    def freeze(self, a: int, reason: str) -> None:
+        self.atoms.freeze(a, f"{reason} ({self._where()})")
+
+    def unify(self, a: int, b: int) -> None:
+        try:
+            self.atoms.unify(a, b)
+        except StructureError as e:
+            reason = f"conflicting structure: {e} ({self._where()})"
+            self.atoms.freeze(a, reason)
+            self.atoms.freeze(b, reason)
+
+    def split(self, a: int, sizes: list[int]) -> list[int]:
+        """Refine atom ``a`` into a product of the given sizes; one atom per factor."""
+        chunks = self.atoms.split_product(self.atoms.factors(a), sizes)
+        return [self.atoms.compose("prod", c) if c else self.atoms.new(1) for c in chunks]
+
+    def select(self, a: int, index: int, reason: str) -> None:
+        """Index ``index`` of atom ``a`` is picked out: that position must not move."""
+        r = self.atoms.find(a)
+        ref = self.atoms.refinement(r)
+        if ref is not None and ref.kind == "sum":
+            for seg in self.atoms.summands(r):
+                n = self.size(seg)
+                if index < n:
+                    if n > 1:
+                        self.select(seg, index, reason)
+                    return
+                index -= n
+        if self.size(r) > 1:
+            self.freeze(r, reason)
+
+    def broadcast(self, labels: list[Label], out_shape: Sequence[int]) -> Label:
+        nd = len(out_shape)
+        out = []
+        for i, size in enumerate(out_shape):
+            cands = []
+            for lab in labels:
+                j = i - (nd - len(lab))
+                if j >= 0 and self.size(lab[j]) == size:
+                    cands.append(lab[j])
+            if cands:
+                for c in cands[1:]:
+                    self.unify(cands[0], c)
+                out.append(cands[0])
+            else:
+                out.append(self.atoms.new(size))
+        return tuple(out)
+
+    def matmul(self, a: Label, b: Label, out_shape) -> Label:
+        if len(a) == 1 and len(b) == 1:
+            self.unify(a[0], b[0])
+            return ()
+        if len(a) == 1:
+            self.unify(a[0], b[-2])
+            return b[:-2] + (b[-1],)
+        if len(b) == 1:
+            self.unify(a[-1], b[0])
+            return a[:-1]
+        self.unify(a[-1], b[-2])
+        batch = self.broadcast([a[:-2], b[:-2]], out_shape[:-2])
+        return batch + (a[-2], b[-1])
+
+    def reshape(self, lx: Label, in_shape, out_shape) -> Label:
+        """Reshape: group dims into runs with equal products; within a run, factor the atoms."""
+        out: list[int] = []
+        i = j = 0
+        nin, nout = len(in_shape), len(out_shape)
+        while i < nin or j < nout:
+            # size-1 dims carry nothing
+            if j < nout and out_shape[j] == 1:
+                out.append(self.atoms.new(1))
+                j += 1
+                continue
+            if i < nin and in_shape[i] == 1:
+                i += 1
+                continue
+            if i >= nin or j >= nout:
+                raise StructureError("reshape sizes do not match")
+            ins, outs = [i], [j]
+            pi, po = in_shape[i], out_shape[j]
+            while pi != po:
+                if pi < po:
+                    i += 1
+                    ins.append(i)
+                    pi *= in_shape[i]
+                else:
+                    j += 1
+                    outs.append(j)
+                    po *= out_shape[j]
+            i += 1
+            j += 1
+            real_outs = [o for o in outs if out_shape[o] != 1]
+            if len(ins) == 1 and len(real_outs) == 1:
+                for o in outs:
+                    out.append(lx[ins[0]] if out_shape[o] != 1 else self.atoms.new(1))
+                continue
+            factors = [f for d in ins for f in self.atoms.factors(lx[d])]
+            try:
+                chunks = self.atoms.split_product(factors, [out_shape[o] for o in real_outs])
+            except StructureError as e:
+                reason = f"reshape that cuts through structured units ({e}) ({self._where()})"
+                for d in ins:
+                    self.atoms.freeze(lx[d], reason)
+                chunks = [[self.atoms.new(out_shape[o], reason)] for o in real_outs]
+            it = iter(chunks)
+            for o in outs:
+                out.append(self.atoms.new(1) if out_shape[o] == 1 else self.atoms.compose("prod", next(it)))
+        return tuple(out)
+
+    def unknown(self, node, reason: str | None = None):
+        """An op permgraph does not understand: freeze every atom it touches; fresh frozen outputs."""
+        why = reason or f"unsupported op {self.opname(node)}"
+        self.unknown_ops[why] = self.unknown_ops.get(why, 0) + 1
+        msg = f"{why} ({self._where(node)})"
+
+        def freeze_all(x):
+            if isinstance(x, tuple):
+                for a in x:
+                    self.atoms.freeze(a, msg)
+            elif isinstance(x, list):
+                for y in x:
+                    freeze_all(y)
+
+        for a in node.all_input_nodes:
+            freeze_all(self.env.get(a))
+        return self._fresh_like(self.meta(node), msg)
+
+    def _fresh_like(self, val, frozen):
+        if isinstance(val, torch.Tensor):
+            return self.fresh(tuple(val.shape), frozen)
+        if isinstance(val, (list, tuple)):
+            return [self._fresh_like(v, frozen) for v in val]
+        return None
+
+    def _where(self, node=None) -> str:
+        node = node or self.node
+        if node is None:
+            return "?"
+        stack = node.meta.get("nn_module_stack")
+        mod = ""
+        if stack:
+            mod = list(stack.values())[-1][0]
+        return f"node {node.name}" + (f" in {mod}" if mod else "")
+
+    # ------------------------------------------------------------------ the walk
+    def run(self) -> None:
+        sig = self.ep.graph_signature
+        specs = {s.arg.name: s for s in sig.input_specs if hasattr(s.arg, "name")}
+        for node in self.ep.graph.nodes:
+            self.node = node
+            if node.op == "placeholder":
+                self.env[node] = self._placeholder(node, specs.get(node.name))
+            elif node.op == "call_function":
+                self.env[node] = self._call(node)
+            elif node.op == "output":
+                self._outputs(node)
+            else:
+                self.env[node] = self._fresh_like(self.meta(node), f"{node.op} node {node.name}")
+
+    def _placeholder(self, node, spec):
+        val = self.meta(node)
+        if not isinstance(val, torch.Tensor):
+            return None
+        shape = tuple(val.shape)
+        if spec is None:
+            return self.fresh(shape, f"input {node.name}")
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and getattr(spec, "persistent", True) is not False:
+            lab = self.fresh(shape)
+            self.param_labels[spec.target] = lab
+            return lab
+        if spec.kind == InputKind.USER_INPUT:
+            return self.fresh(shape, "model input")
+        return self.fresh(shape, f"constant tensor {spec.target} is not in the state dict")
+
+    def _call(self, node):
+        fn = lookup(node.target)
+        if fn is None:
+            if self.meta(node) is None or not node.all_input_nodes:
+                return None
+            return self.unknown(node)
+        try:
+            out = fn(self, node)
+        except (StructureError, IndexError, TypeError, ValueError, KeyError) as e:
+            return self.unknown(node, f"{self.opname(node)}: {e}")
+        if not self._shapes_match(out, self.meta(node)):
+            return self.unknown(node, f"{self.opname(node)}: propagated shape disagrees with the graph")
+        return out
+
+    def _shapes_match(self, lab, val) -> bool:
+        if isinstance(val, torch.Tensor):
+            return isinstance(lab, tuple) and tuple(self.size(a) for a in lab) == tuple(val.shape)
+        if isinstance(val, (list, tuple)):
+            return isinstance(lab, list) and len(lab) == len(val) and all(
+                self._shapes_match(a, v) for a, v in zip(lab, val))
+        return lab is None or not isinstance(lab, tuple)
+
+    def _outputs(self, node):
+        sig = self.ep.graph_signature
+        outs = node.args[0]
+        for spec, arg in zip(sig.output_specs, outs):
+            lab = self.env.get(arg) if isinstance(arg, torch.fx.Node) else None
+            if spec.kind == OutputKind.BUFFER_MUTATION and spec.target in self.param_labels and isinstance(lab, tuple):
+                for a, b in zip(self.param_labels[spec.target], lab):
+                    self.unify(a, b)
+            elif isinstance(lab, tuple):
+                for a in lab:
+                    self.atoms.freeze(a, "model output")
+
+
+# ---------------------------------------------------------------------------------------------- spec
+def _tree(atoms: Atoms, a: int, gid: dict[int, str]):
+    kind, payload = atoms.tree(a)
+    if kind == "leaf":
+        r = payload
+        n = atoms.size(r)
+        if n <= 1 or atoms.frozen(r) is not None:
+            return n
+        if r not in gid:
+            gid[r] = f"g{len(gid)}"
+        return gid[r]
+    kids = [_tree(atoms, c, gid) for c in payload]
+    if all(isinstance(k, int) for k in kids):
+        out = 1
+        for k in kids:
+            out = out * k if kind == "prod" else out + k
+        return out if kind == "prod" else sum(kids)
+    merged: list = []
+    for k in kids:
+        if kind == "prod" and k == 1:
+            continue
+        if kind == "sum" and k == 0:
+            continue
+        if isinstance(k, int) and merged and isinstance(merged[-1], int):
+            merged[-1] = merged[-1] * k if kind == "prod" else merged[-1] + k
+        else:
+            merged.append(k)
+    return merged[0] if len(merged) == 1 else {kind: merged}
+
+
+def _frozen_leaves(atoms: Atoms, a: int, out: set[int]) -> None:
+    kind, payload = atoms.tree(a)
+    if kind == "leaf":
+        if atoms.size(payload) > 1 and atoms.frozen(payload) is not None:
+            out.add(payload)
+    else:
+        for c in payload:
+            _frozen_leaves(atoms, c, out)
+
+
+def build_spec(prop: Propagator, model: nn.Module, info: dict) -> PermutationSpec:
+    atoms = prop.atoms
+    state = model.state_dict(keep_vars=True)
+    # tied weights: keys that share storage with a key the graph saw
+    by_ptr: dict[tuple, str] = {}
+    for k in prop.param_labels:
+        t = state.get(k)
+        if t is not None:
+            by_ptr[(t.data_ptr(), tuple(t.shape))] = k
+    aliases: dict[str, str] = {}
+    gid: dict[int, str] = {}
+    axes: dict[str, list] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    frozen_axes: dict[int, list[AxisRef]] = {}
+    unused_reason = "not used by the traced forward pass"
+    unused: list[AxisRef] = []
+    for key, t in state.items():
+        shape = tuple(t.shape)
+        lab = prop.param_labels.get(key)
+        if lab is None:
+            canon = by_ptr.get((t.data_ptr(), shape)) if t.numel() else None
+            if canon is not None and canon != key:
+                aliases[key] = canon
+                continue
+            shapes[key] = shape
+            axes[key] = list(shape)
+            unused.extend(AxisRef(key, d) for d, s in enumerate(shape) if s > 1)
+            continue
+        shapes[key] = shape
+        axes[key] = [_tree(atoms, a, gid) for a in lab]
+        for d, a in enumerate(lab):
+            leaves: set[int] = set()
+            _frozen_leaves(atoms, a, leaves)
+            for r in leaves:
+                frozen_axes.setdefault(r, []).append(AxisRef(key, d))
+    frozen = [FrozenPart(atoms.size(r), atoms.frozen(r) or "frozen", tuple(ax)) for r, ax in frozen_axes.items()]
+    if unused:
+        frozen.append(FrozenPart(0, unused_reason, tuple(unused)))
+    group_sizes = {g: atoms.size(r) for r, g in gid.items()}
+    graph = _coupling_graph(prop, gid)
+    return PermutationSpec.from_axes(axes, shapes, group_sizes, frozen, aliases, info, graph)
+
+
+def _coupling_graph(prop: Propagator, gid: dict[int, str]) -> nx.Graph:
+    """Nodes: every tensor axis of the graph (AxisRef) and every group; an edge joins an axis to each
+    group that acts on it. Parameters are named by state-dict key, activations by node name."""
+    g = nx.Graph()
+    for r, name in gid.items():
+        g.add_node(name, kind="group", size=prop.atoms.size(r))
+    names = {}
+    for key, lab in prop.param_labels.items():
+        names[id(lab)] = key
+
+    def groups_of(a: int) -> set[str]:
+        out: set[str] = set()
+        stack = [a]
+        while stack:
+            kind, payload = prop.atoms.tree(stack.pop())
+            if kind == "leaf":
+                if payload in gid and prop.atoms.frozen(payload) is None:
+                    out.add(gid[payload])
+            else:
+                stack.extend(payload)
+        return out
+
+    for node, lab in prop.env.items():
+        if not isinstance(lab, tuple):
+            continue
+        tname = names.get(id(lab), node.name)
+        kind = "param" if id(lab) in names else "activation"
+        for d, a in enumerate(lab):
+            ref = AxisRef(tname, d)
+            gs = groups_of(a)
+            if gs:
+                g.add_node(ref, kind=kind)
+                for name in gs:
+                    g.add_edge(ref, name)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- public
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return tuple(example_inputs)
+
+
+def resolve_inputs(model: nn.Module, example_inputs) -> tuple:
+    if example_inputs is None:
+        from .models import example_inputs_for
+
+        example_inputs = example_inputs_for(model)
+        if example_inputs is None:
+            raise TraceError(
+                f"cannot infer example inputs for {type(model).__name__}: it has no Linear/Conv layer to "
+                "infer them from. Pass them explicitly, e.g. permgraph.trace(model, (torch.randn(2, 3, 32, 32),))")
+    return _as_tuple(example_inputs)
+
+
+def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """torch.export in eval mode, restoring the caller's train/eval flags afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return torch.export.export(model, example_inputs, strict=False)
+    except Exception as e:  # torch.export raises many types; re-raise as one permgraph error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {first[:500]}. "
+            "permgraph needs a model that torch.export can capture (no data-dependent Python control flow, "
+            "no unsupported Python constructs); check the example inputs' shapes, or rewrite the named "
+            "construct with torch ops.") from e
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze: Iterable[str] = (),
+          seed: int = 0) -> PermutationSpec:
+    """Trace ``model`` into a verified PermutationSpec.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.export`` can capture. It is traced in eval mode and is not
+            changed (its train/eval flags are restored).
+        example_inputs: a tensor or a tuple of positional inputs. Inferred when omitted (permgraph zoo
+            models, timm ``pretrained_cfg["input_size"]``, else the first Linear/Conv layer).
+        verify: apply a random permutation of every group to a copy with randomised norm statistics and
+            affine parameters, and check the output is unchanged; groups that change it are found by
+            bisection, frozen and reported. The returned spec always preserves the function.
+        freeze: glob patterns of state-dict keys (or module-name prefixes) whose axes must not move,
+            e.g. ``["fc.*"]`` or ``["head"]``.
+        seed: seed of the verification's random permutation.
+
+    Example:
+        >>> import permgraph
+        >>> spec = permgraph.trace(permgraph.models.create("mlp", width=16, depth=2))
+        >>> len(spec.groups)
+        2
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace() takes an nn.Module, not {type(model).__name__}")
+    inputs = resolve_inputs(model, example_inputs)
+    t0 = time.perf_counter()
+    ep = export(model, inputs)
+    t1 = time.perf_counter()
+    prop = Propagator(ep)
+    prop.run()
+    info = {"model": type(model).__name__,
+            "example_input_shapes": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
+            "unsupported_ops": dict(prop.unknown_ops)}
+    spec = build_spec(prop, model, info)
+    freeze = list(freeze)
+    if freeze:
+        spec = spec.freeze_keys(freeze, f"frozen by trace(freeze={freeze})")
+    t2 = time.perf_counter()
+    if verify:
+        from ._verify import verify_and_repair
+
+        spec = verify_and_repair(spec, model, inputs, seed=seed)
+    t3 = time.perf_counter()
+    spec.info["timings"] = {"export_s": round(t1 - t0, 4), "propagate_s": round(t2 - t1, 4),
+                            "verify_s": round(t3 - t2, 4)}
+    return spec

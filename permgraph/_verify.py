@@ -1,0 +1,193 @@
+"""Functional verification of a spec: permute a copy with randomised statistics, compare outputs."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .errors import SpecMismatchError, VerificationError
+from .permutation import Permutation, permute_state_dict
+from .spec import PermutationSpec
+
+# models up to this many parameters are verified in float64 (tight tolerance), larger ones in float32
+FLOAT64_MAX_PARAMS = 30_000_000
+TOL = {torch.float64: 1e-7, torch.float32: 1e-4}
+
+
+@dataclass
+class EquivalenceResult:
+    """Result of ``check_equivalence``: the relative output change for all groups permuted at once,
+    and per group (when asked)."""
+
+    rel_error: float
+    tolerance: float
+    dtype: str
+    per_group: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.rel_error <= self.tolerance and all(v <= self.tolerance for v in self.per_group.values())
+
+    @property
+    def failing(self) -> list[str]:
+        return [g for g, v in self.per_group.items() if v > self.tolerance]
+
+
+def randomize_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give norm statistics, affine vectors and constant-initialised tensors random values in place.
+
+    Fresh models have running_mean 0, running_var 1, norm weight 1, bias 0 (and timm zero-initialises
+    some residual branches): with those values a forgotten buffer or branch is invisible.
+    """
+    with torch.no_grad():
+        state = model.state_dict(keep_vars=True)
+        for name, t in state.items():
+            if not t.is_floating_point() or t.ndim == 0 or t.numel() < 2:
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=generator, dtype=t.dtype) * 1.5 + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * 0.5)
+            elif t.ndim == 1:
+                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * 0.5)
+            elif float(t.std()) < 1e-6 * max(1.0, float(t.abs().mean())) or float(t.abs().max()) < 1e-4:
+                fan_in = max(1, t.numel() // t.shape[0])
+                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype) / math.sqrt(fan_in))
+    return model
+
+
+def _cast_inputs(inputs: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+
+
+def _outputs(model: nn.Module, inputs: tuple) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(*inputs)
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for x, y in zip(a, b):
+        x, y = x.double(), y.double()
+        den = max(float(x.norm()), 1e-12)
+        worst = max(worst, float((x - y).norm()) / den)
+    return worst
+
+
+def cyclic_permutation(spec: PermutationSpec, generator: torch.Generator) -> Permutation:
+    """A random permutation of every group with no fixed point (one random n-cycle per group), so that
+    no group escapes the check by drawing the identity."""
+    perms = {}
+    for g, grp in spec.groups.items():
+        s = torch.randperm(grp.size, generator=generator)
+        p = torch.empty_like(s)
+        p[s] = torch.roll(s, -1)
+        perms[g] = p
+    return Permutation(perms)
+
+
+class _Checker:
+    def __init__(self, spec: PermutationSpec, model: nn.Module, inputs: tuple, seed: int = 0):
+        from ._trace import resolve_inputs
+
+        gen = torch.Generator().manual_seed(seed)
+        nparams = sum(p.numel() for p in model.parameters())
+        self.dtype = torch.float64 if nparams <= FLOAT64_MAX_PARAMS else torch.float32
+        self.tol = TOL[self.dtype]
+        base = randomize_(copy.deepcopy(model).eval().to(self.dtype), gen)
+        self.inputs = _cast_inputs(resolve_inputs(model, inputs), self.dtype)
+        self.state = base.state_dict()
+        self.ref = _outputs(base, self.inputs)
+        self.work = base
+        self.spec = spec
+        self.perm = cyclic_permutation(spec, gen)
+
+    def error(self, groups) -> float:
+        perm = {g: (self.perm[g] if g in groups else torch.arange(self.spec.groups[g].size))
+                for g in self.spec.groups}
+        self.work.load_state_dict(permute_state_dict(self.state, self.spec, perm))
+        out = _outputs(self.work, self.inputs)
+        self.work.load_state_dict(self.state)
+        return _rel(self.ref, out)
+
+    def culprits(self, groups: list[str]) -> list[str]:
+        if not groups or self.error(set(groups)) <= self.tol:
+            return []
+        if len(groups) == 1:
+            return list(groups)
+        mid = len(groups) // 2
+        return self.culprits(groups[:mid]) + self.culprits(groups[mid:])
+
+
+def _check_keys(spec: PermutationSpec, model: nn.Module) -> None:
+    state = model.state_dict()
+    missing = [k for k in spec.axes if k not in state]
+    extra = [k for k in state if k not in spec.axes and k not in spec.aliases]
+    wrong = [k for k in spec.axes if k in state and tuple(state[k].shape) != tuple(spec.shapes[k])]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"keys missing from the model: {missing[:3]}")
+        if extra:
+            parts.append(f"keys the spec does not know: {extra[:3]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{k} has shape {tuple(state[k].shape)} in the model but {spec.shapes[k]} in the spec")
+        raise SpecMismatchError("the spec does not belong to this model (" + "; ".join(parts)
+                                + "); trace the model with permgraph.trace(model)")
+
+
+def verify_and_repair(spec: PermutationSpec, model: nn.Module, inputs, seed: int = 0) -> PermutationSpec:
+    """Check ``spec`` on ``model``; freeze any group whose permutation changes the output."""
+    checker = _Checker(spec, model, inputs, seed)
+    err = checker.error(set(spec.groups))
+    status = "passed"
+    for _ in range(3):
+        if err <= checker.tol:
+            break
+        bad = checker.culprits(list(spec.groups))
+        if not bad:  # only a combination fails: give up on every group rather than guess
+            bad = list(spec.groups)
+        spec = spec.freeze_groups(bad, "a permutation of this group changed the model's output in "
+                                       "verification (an op permgraph models wrongly); frozen")
+        status = f"passed after freezing {len(bad)} group(s)"
+        checker.spec = spec
+        checker.perm = Permutation({g: checker.perm[g] for g in spec.groups})
+        err = checker.error(set(spec.groups))
+    if err > checker.tol:
+        spec = spec.freeze_groups(list(spec.groups), "verification failed")
+        status = "failed: every group frozen"
+        err = 0.0
+    spec.info["verification"] = {"status": status, "rel_error": err, "dtype": str(checker.dtype).split(".")[-1],
+                                 "tolerance": checker.tol}
+    return spec
+
+
+def verify_spec(spec: PermutationSpec, model: nn.Module, example_inputs=None, seed: int = 0) -> None:
+    """Raise unless ``spec`` matches ``model``'s keys and shapes and a random permutation of every group
+    leaves its output unchanged."""
+    _check_keys(spec, model)
+    checker = _Checker(spec, model, example_inputs, seed)
+    err = checker.error(set(spec.groups))
+    if err > checker.tol:
+        bad = checker.culprits(list(spec.groups))
+        raise VerificationError(f"permuting groups {bad[:10]} changes the model's output (relative change "
+                                f"{err:.2e}); this spec does not describe this model's symmetry")
+
+
+def check_equivalence(model: nn.Module, spec: PermutationSpec, example_inputs=None, *, per_group: bool = True,
+                      seed: int = 0) -> EquivalenceResult:
+    """Permute a randomised copy of ``model`` by a random permutation of every group (and, with
+    ``per_group``, of each group alone) and report the relative output change."""
+    _check_keys(spec, model)
+    checker = _Checker(spec, model, example_inputs, seed)
+    res = EquivalenceResult(checker.error(set(spec.groups)), checker.tol, str(checker.dtype).split(".")[-1])
+    if per_group:
+        res.per_group = {g: checker.error({g}) for g in spec.groups}
+    return res

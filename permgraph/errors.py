@@ -1,0 +1,17 @@
+"""permgraph's exceptions. Every message says what is wrong and what to do about it."""
+
+
+class PermgraphError(Exception):
+    """Base class of permgraph's errors."""
+
+
+class TraceError(PermgraphError):
+    """The model could not be traced (torch.export failed, or example inputs are needed)."""
+
+
+class SpecMismatchError(PermgraphError, ValueError):
+    """A spec, permutation or state dict does not belong to the model it is used with."""
+
+
+class VerificationError(PermgraphError):
+    """A permutation changed the model's function."""

@@ -1,0 +1,361 @@
+"""Core types: PermutationSpec, Group, FrozenPart, and the axis trees that tie them to tensors.
+
+An *axis tree* describes how the permutation groups act on one axis of one state-dict tensor:
+
+* ``"g3"``: the axis is exactly group ``g3`` (new = old[p] along the axis);
+* an integer ``n``: ``n`` positions that never move (a frozen part, or the identity);
+* ``{"prod": [t1, t2, ...]}``: the axis is the row-major product of the sub-axes (a flatten or a
+  reshape; the permutation is the Kronecker product, ``t1`` outermost);
+* ``{"sum": [t1, t2, ...]}``: the axis is the concatenation of the sub-axes (block-diagonal).
+
+This module imports no fx and does no I/O beyond (de)serialising strings.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+Tree = Any  # str | int | dict[str, list[Tree]]
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AxisRef:
+    """One axis of one tensor: a state-dict key (or a graph node name) and a dimension."""
+
+    tensor: str
+    dim: int
+
+    def __str__(self) -> str:
+        return f"{self.tensor}[{self.dim}]"
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where a group acts: an axis, and whether the axis is exactly the group (``plain``) or the group
+    is one factor/segment of a structured axis (a flatten, a concatenation, attention heads)."""
+
+    axis: AxisRef
+    plain: bool = True
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of coupled axes that one permutation of ``size`` units acts on."""
+
+    id: str
+    size: int
+    members: tuple[Member, ...]
+
+    @property
+    def modules(self) -> list[str]:
+        out: list[str] = []
+        for m in self.members:
+            mod = m.axis.tensor.rpartition(".")[0] or m.axis.tensor
+            if mod not in out:
+                out.append(mod)
+        return out
+
+    @property
+    def keys(self) -> list[str]:
+        out: list[str] = []
+        for m in self.members:
+            if m.axis.tensor not in out:
+                out.append(m.axis.tensor)
+        return out
+
+
+@dataclass(frozen=True)
+class FrozenPart:
+    """Units that must stay in place, with the reason, and the axes they touch."""
+
+    size: int
+    reason: str
+    axes: tuple[AxisRef, ...]
+
+
+def tree_size(tree: Tree, sizes: dict[str, int]) -> int:
+    if isinstance(tree, str):
+        return sizes[tree]
+    if isinstance(tree, int):
+        return tree
+    kind, kids = next(iter(tree.items()))
+    vals = [tree_size(k, sizes) for k in kids]
+    if kind == "sum":
+        return sum(vals)
+    out = 1
+    for v in vals:
+        out *= v
+    return out
+
+
+def tree_groups(tree: Tree) -> Iterator[str]:
+    if isinstance(tree, str):
+        yield tree
+    elif isinstance(tree, dict):
+        for kid in next(iter(tree.values())):
+            yield from tree_groups(kid)
+
+
+def _tree_members(tree: Tree, axis: AxisRef) -> Iterator[tuple[str, Member]]:
+    plain = isinstance(tree, str)
+    for g in dict.fromkeys(tree_groups(tree)):
+        yield g, Member(axis, plain)
+
+
+@dataclass
+class PermutationSpec:
+    """The verified permutation symmetry of a model.
+
+    Attributes:
+        groups: the permutation groups, by id (``"g0"``, ``"g1"``, ...), in graph order.
+        axes: for every state-dict key, one axis tree per dimension (``None`` entries never occur;
+            an unpermuted axis is its size as an integer).
+        shapes: the shape of every state-dict key.
+        frozen: the parts that must stay in place, with reasons.
+        aliases: state-dict keys that share storage with another key (tied weights).
+        info: free-form metadata (model class, example input shapes, verification result, timings).
+    """
+
+    groups: dict[str, Group]
+    axes: dict[str, list[Tree]]
+    shapes: dict[str, tuple[int, ...]]
+    frozen: list[FrozenPart] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    _graph: nx.Graph | None = field(default=None, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_axes(cls, axes: dict[str, list[Tree]], shapes: dict[str, tuple[int, ...]],
+                  group_sizes: dict[str, int], frozen: Iterable[FrozenPart] = (),
+                  aliases: dict[str, str] | None = None, info: dict[str, Any] | None = None,
+                  graph: nx.Graph | None = None) -> PermutationSpec:
+        members: dict[str, list[Member]] = {g: [] for g in group_sizes}
+        for key, trees in axes.items():
+            for dim, tree in enumerate(trees):
+                for g, m in _tree_members(tree, AxisRef(key, dim)):
+                    members[g].append(m)
+        groups = {g: Group(g, group_sizes[g], tuple(ms)) for g, ms in members.items() if ms}
+        spec = cls(groups=groups, axes=axes, shapes={k: tuple(v) for k, v in shapes.items()},
+                   frozen=list(frozen), aliases=dict(aliases or {}), info=dict(info or {}))
+        spec._graph = graph
+        spec._check()
+        return spec
+
+    def _check(self) -> None:
+        sizes = {g: grp.size for g, grp in self.groups.items()}
+        for key, trees in self.axes.items():
+            shape = self.shapes[key]
+            if len(trees) != len(shape):
+                raise ValueError(f"spec: {key} has {len(trees)} axis trees for shape {tuple(shape)}")
+            for dim, tree in enumerate(trees):
+                for g in tree_groups(tree):
+                    if g not in sizes:
+                        raise ValueError(f"spec: {key}[{dim}] names unknown group {g!r}")
+                n = tree_size(tree, sizes)
+                if n != shape[dim]:
+                    raise ValueError(f"spec: {key}[{dim}] tree covers {n} units but the axis has {shape[dim]}")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def graph(self) -> nx.Graph:
+        """The coupling graph: nodes are AxisRef (tensor axes) and group ids; edges say which group
+        acts on which axis. A traced spec also holds the activation axes of the graph's nodes."""
+        if self._graph is None:
+            g = nx.Graph()
+            for gid, grp in self.groups.items():
+                g.add_node(gid, kind="group", size=grp.size)
+                for m in grp.members:
+                    g.add_node(m.axis, kind="param")
+                    g.add_edge(gid, m.axis)
+            self._graph = g
+        return self._graph
+
+    def group_sizes(self) -> dict[str, int]:
+        return {g: grp.size for g, grp in self.groups.items()}
+
+    def permutable_keys(self) -> list[str]:
+        return [k for k, trees in self.axes.items() if any(True for t in trees for _ in tree_groups(t))]
+
+    def fingerprint(self) -> str:
+        """A short hash of the spec's structure (keys, shapes, groups, axis trees)."""
+        payload = json.dumps({"axes": self.axes, "shapes": {k: list(v) for k, v in self.shapes.items()},
+                              "groups": self.group_sizes()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    # ------------------------------------------------------------------ editing
+    def freeze_groups(self, ids: Iterable[str], reason: str) -> PermutationSpec:
+        """A new spec in which the given groups are frozen (identity) with ``reason``."""
+        ids = set(ids)
+        unknown = ids - set(self.groups)
+        if unknown:
+            raise KeyError(f"unknown groups {sorted(unknown)}; the spec has {list(self.groups)[:10]}...")
+        sizes = self.group_sizes()
+
+        def strip(tree: Tree) -> Tree:
+            if isinstance(tree, str):
+                return sizes[tree] if tree in ids else tree
+            if isinstance(tree, int):
+                return tree
+            kind, kids = next(iter(tree.items()))
+            new = [strip(k) for k in kids]
+            if all(isinstance(k, int) for k in new):
+                return tree_size({kind: new}, sizes)
+            return {kind: new}
+
+        axes = {k: [strip(t) for t in trees] for k, trees in self.axes.items()}
+        frozen = list(self.frozen)
+        for g in sorted(ids, key=_gkey):
+            grp = self.groups[g]
+            frozen.append(FrozenPart(grp.size, reason, tuple(m.axis for m in grp.members)))
+        keep = {g: s for g, s in sizes.items() if g not in ids}
+        graph = None
+        if self._graph is not None:
+            graph = self._graph.copy()
+            graph.remove_nodes_from(ids)
+            graph.remove_nodes_from([n for n in list(graph.nodes) if graph.degree(n) == 0])
+        return PermutationSpec.from_axes(axes, self.shapes, keep, frozen, self.aliases, self.info, graph)
+
+    def freeze_keys(self, patterns: Iterable[str], reason: str | None = None) -> PermutationSpec:
+        """Freeze every group that acts on a state-dict key matching one of the glob ``patterns``."""
+        patterns = list(patterns)
+        hit = {g for g, grp in self.groups.items()
+               for k in grp.keys if any(_match(k, p) for p in patterns)}
+        if not hit:
+            return self
+        return self.freeze_groups(hit, reason or f"frozen by user pattern {patterns}")
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": SPEC_VERSION,
+            "groups": [{"id": g.id, "size": g.size, "frozen": False,
+                        "modules": g.modules} for g in self.groups.values()],
+            "axes": {k: list(v) for k, v in self.axes.items()},
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "frozen": [{"size": f.size, "reason": f.reason, "axes": [str(a) for a in f.axes]}
+                       for f in self.frozen],
+            "aliases": dict(self.aliases),
+            "info": _jsonable(self.info),
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PermutationSpec:
+        if d.get("version") != SPEC_VERSION:
+            raise ValueError(f"unsupported spec version {d.get('version')!r} (expected {SPEC_VERSION})")
+        sizes = {g["id"]: int(g["size"]) for g in d["groups"]}
+        frozen = [FrozenPart(int(f["size"]), f["reason"], tuple(_parse_axis(a) for a in f["axes"]))
+                  for f in d.get("frozen", [])]
+        spec = cls.from_axes(d["axes"], {k: tuple(v) for k, v in d["shapes"].items()}, sizes, frozen,
+                             d.get("aliases", {}), d.get("info", {}))
+        hand = [g["id"] for g in d["groups"] if g.get("frozen")]
+        if hand:
+            spec = spec.freeze_groups(hand, "frozen by hand in the spec file")
+        return spec
+
+    @classmethod
+    def from_json(cls, text: str, model=None, example_inputs=None) -> PermutationSpec:
+        """Load a spec; when ``model`` is given, re-verify it against that model (raises
+        ``SpecMismatchError`` if the keys/shapes differ or a permutation changes the output)."""
+        spec = cls.from_dict(json.loads(text))
+        if model is not None:
+            from ._verify import verify_spec
+
+            verify_spec(spec, model, example_inputs)
+        return spec
+
+    # ------------------------------------------------------------------ report
+    def report(self, max_groups: int = 60) -> str:
+        """A readable coverage report: permutable vs frozen parameters, groups, frozen parts."""
+        total = sum(_numel(s) for s in self.shapes.values())
+        perm_keys = set(self.permutable_keys())
+        perm = sum(_numel(self.shapes[k]) for k in perm_keys)
+        lines = []
+        title = self.info.get("model", "model")
+        lines.append(f"permgraph coverage report: {title}")
+        lines.append(f"  state-dict tensors: {len(self.shapes)}  ({total:,} values)")
+        lines.append(f"  permutable tensors: {len(perm_keys)}  ({perm:,} values, "
+                     f"{100.0 * perm / max(total, 1):.1f}%)")
+        lines.append(f"  groups: {len(self.groups)}  (units: {sum(g.size for g in self.groups.values()):,})")
+        ver = self.info.get("verification")
+        if ver:
+            lines.append(f"  verification: {ver.get('status')}  (max relative output change "
+                         f"{ver.get('rel_error', float('nan')):.2e}, dtype {ver.get('dtype')})")
+        lines.append("")
+        lines.append("groups:")
+        for i, grp in enumerate(self.groups.values()):
+            if i >= max_groups:
+                lines.append(f"  ... {len(self.groups) - max_groups} more groups")
+                break
+            mods = grp.modules
+            shown = ", ".join(mods[:4]) + (f", +{len(mods) - 4} more" if len(mods) > 4 else "")
+            structured = sum(1 for m in grp.members if not m.plain)
+            extra = f", {structured} structured (flatten/concat/heads)" if structured else ""
+            lines.append(f"  {grp.id:>5}  size {grp.size:<5} {len(grp.members)} axes{extra}: {shown}")
+        unperm = [k for k in self.shapes if k not in perm_keys and _numel(self.shapes[k]) > 1]
+        lines.append("")
+        lines.append(f"not permuted ({len(unperm)} tensors): "
+                     + (", ".join(unperm[:12]) + (" ..." if len(unperm) > 12 else "") if unperm else "none"))
+        if self.frozen:
+            lines.append("")
+            lines.append("frozen parts:")
+            by_reason: dict[str, list[FrozenPart]] = {}
+            for f in self.frozen:
+                by_reason.setdefault(f.reason, []).append(f)
+            for reason, parts in by_reason.items():
+                axes = sorted({str(a) for p in parts for a in p.axes})
+                lines.append(f"  - {reason}: {len(parts)} part(s), "
+                             f"{sum(p.size for p in parts)} units; axes: "
+                             + (", ".join(axes[:6]) + (" ..." if len(axes) > 6 else "") if axes else "-"))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()
+
+
+def _match(key: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(key, pattern) or key.startswith(pattern.rstrip(".*") + ".") and (
+        pattern.endswith("*") or "*" not in pattern)
+
+
+def _gkey(g: str) -> tuple[int, str]:
+    return (int(g[1:]) if g[1:].isdigit() else 0, g)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _parse_axis(text: str) -> AxisRef:
+    name, _, dim = text.rpartition("[")
+    return AxisRef(name, int(dim.rstrip("]")))
+
+
+def _jsonable(x: Any) -> Any:
+    try:
+        json.dumps(x)
+        return x
+    except TypeError:
+        if isinstance(x, dict):
+            return {str(k): _jsonable(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [_jsonable(v) for v in x]
+        return str(x)
