@@ -36,6 +36,10 @@ class Atoms:
         self._size: list[int] = []
         self._ref: list[_Refinement | None] = []
         self._frozen: list[str | None] = []
+        self._touched: set[int] = set()  # roots that were ever unified with another atom
+        self._owner: dict[int, int] = {}  # child atom -> the atom whose refinement created it
+        self._links: dict[int, list[int]] = {}  # uniform atom -> its per-slice instances (see unstack)
+        self._stacks: dict[int, list[dict[int, int]]] = {}  # stack atom -> per-slice atom mappings
 
     # ------------------------------------------------------------------ basics
     def new(self, size: int, frozen: str | None = None) -> int:
@@ -75,6 +79,7 @@ class Atoms:
                 continue
             if self._frozen[r] is None:
                 self._frozen[r] = reason
+            stack.extend(c for c in self._links.get(r, ()) if self.frozen(c) is None)
             ref = self._ref[r]
             if ref is not None:
                 stack.extend(c for c in ref.children if self.frozen(c) is None)
@@ -85,7 +90,11 @@ class Atoms:
         assert self._ref[r] is None, "only leaves can be refined"
         reason = self._frozen[r]
         children = [self.new(s, reason) for s in sizes]
+        for c in children:
+            self._owner[c] = r
         self._ref[r] = _Refinement(kind, children)
+        for inst in self._links.pop(r, []):  # structure on a uniform atom: slices follow it
+            self.unify(inst, r)
         return children
 
     def factors(self, a: int) -> list[int]:
@@ -218,6 +227,8 @@ class Atoms:
         if self._size[ra] <= 1:
             self._parent[rb] = ra
             return
+        self._touched.update((ra, rb))
+        linked = self._links.pop(ra, []) + self._links.pop(rb, [])
         fa, fb = self._ref[ra], self._ref[rb]
         reason = self._frozen[ra] or self._frozen[rb]
         if fa is None and fb is not None:
@@ -243,6 +254,67 @@ class Atoms:
             self.freeze(ra, reason)
         for x, y in pairs:
             self.unify(x, y)
+        for inst in linked:  # a uniform atom got constrained: its slices must follow
+            self.unify(inst, ra)
+
+    # ------------------------------------------------------------------ stacks
+    def unstack(self, s: int, reason: str) -> list[dict[int, int]] | None:
+        """Turn ``X = prod(S, R)`` into ``X = sum(R_0, ..., R_{|S|-1})`` when a select/unbind picks slices
+        along ``S`` (a fused qkv projection reshaped to (3, heads, dim) and unbound, for example).
+
+        The Kronecker form ties every slice to one permutation of ``R``; after the select the slices are
+        used separately, so each gets its own copy of ``R``'s atoms. Valid only while ``S`` and ``R``'s
+        atoms were never coupled to anything else; if the uniform ``R`` is coupled later, the copies are
+        unified back with it (``_links``). Returns one mapping (uniform atom -> slice atom) per slice,
+        or None when the conversion does not apply.
+        """
+        r = self.find(s)
+        if r in self._stacks:
+            return self._stacks[r]
+        owner = self._owner.get(r)
+        if owner is None or r in self._touched or self._frozen[r] is not None:
+            return None
+        x = self.find(owner)
+        ref = self._ref[x]
+        if ref is None or ref.kind != "prod" or self.find(ref.children[0]) != r or len(ref.children) < 2:
+            return None
+        rest = ref.children[1:]
+        subtree: list[int] = []
+        stack = list(rest)
+        while stack:
+            a = self.find(stack.pop())
+            if a in self._touched or a in self._links or self._frozen[a] is not None:
+                return None
+            subtree.append(a)
+            if self._ref[a] is not None:
+                stack.extend(self._ref[a].children)
+        mappings: list[dict[int, int]] = []
+        slices: list[int] = []
+        for _ in range(self._size[r]):
+            mapping: dict[int, int] = {}
+            copies = [self._copy(c, mapping) for c in rest]
+            slices.append(copies[0] if len(copies) == 1 else self.compose("prod", copies))
+            mappings.append(mapping)
+        for a in subtree:
+            self._links[a] = [m[a] for m in mappings]
+        self._ref[x] = _Refinement("sum", [self.find(c) for c in slices])
+        for c in slices:
+            self._owner[self.find(c)] = x
+        self._frozen[r] = reason
+        self._stacks[r] = mappings
+        return mappings
+
+    def _copy(self, a: int, mapping: dict[int, int]) -> int:
+        r = self.find(a)
+        c = self.new(self._size[r])
+        mapping[r] = c
+        ref = self._ref[r]
+        if ref is not None:
+            kids = [self._copy(k, mapping) for k in ref.children]
+            self._ref[c] = _Refinement(ref.kind, kids)
+            for k in kids:
+                self._owner[k] = c
+        return c
 
     def _factors_of(self, ref: _Refinement) -> list[int]:
         out: list[int] = []

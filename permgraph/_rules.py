@@ -407,7 +407,7 @@ def positional(cx, node):
         dims = _arg(node, 2, "dims")
     if name == "topk":
         dims = _arg(node, 2, "dim", -1)
-        for i, a in enumerate(lx):
+        for a in lx:
             cx.freeze(a, f"{name} depends on positions")
         vals = cx.meta(node)
         return [cx.fresh(tuple(v.shape), frozen=f"{name} output") for v in vals]
@@ -569,6 +569,9 @@ def unbind(cx, node):
     lx = cx.label(node.args[0])
     dim = _dim(int(_arg(node, 1, "dim", 0)), len(lx))
     n = cx.size(lx[dim])
+    slices = cx.unstack(lx, dim, "indexed by unbind")
+    if slices is not None:
+        return slices
     for i in range(n):
         cx.select(lx[dim], i, "indexed by unbind")
     return [lx[:dim] + lx[dim + 1:] for _ in range(n)]
@@ -580,7 +583,11 @@ def select(cx, node):
     dim = _dim(int(node.args[1]), len(lx))
     n = cx.size(lx[dim])
     idx = int(node.args[2])
-    cx.select(lx[dim], idx + n if idx < 0 else idx, "indexed by select")
+    idx = idx + n if idx < 0 else idx
+    slices = cx.unstack(lx, dim, "indexed by select")
+    if slices is not None:
+        return slices[idx]
+    cx.select(lx[dim], idx, "indexed by select")
     return lx[:dim] + lx[dim + 1:]
 
 

@@ -96,6 +96,14 @@ class Propagator:
         if self.size(r) > 1:
             self.freeze(r, reason)
 
+    def unstack(self, lx: Label, dim: int, reason: str) -> list[Label] | None:
+        """Per-slice labels when slicing along ``dim`` can give each slice its own atoms (fused qkv)."""
+        maps = self.atoms.unstack(lx[dim], f"{reason} ({self._where()})")
+        if maps is None:
+            return None
+        rest = lx[:dim] + lx[dim + 1:]
+        return [tuple(m.get(self.atoms.find(a), a) for a in rest) for m in maps]
+
     def broadcast(self, labels: list[Label], out_shape: Sequence[int]) -> Label:
         nd = len(out_shape)
         out = []
