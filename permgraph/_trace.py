@@ -22,8 +22,9 @@ class Propagator:
     """Walks the exported graph once, labelling every tensor dim with an atom (an fx-Interpreter-like
     pass that needs no real tensors: shapes come from ``node.meta["val"]``)."""
 
-    def __init__(self, exported: torch.export.ExportedProgram):
+    def __init__(self, exported: torch.export.ExportedProgram, tied: dict[str, str] | None = None):
         self.ep = exported
+        self.tied = tied or {}  # state-dict key -> the key it shares storage with
         self.atoms = Atoms()
         self.env: dict[torch.fx.Node, object] = {}
         self.param_labels: dict[str, Label] = {}
@@ -240,6 +241,9 @@ class Propagator:
         if spec is None:
             return self.fresh(shape, f"input {node.name}")
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and getattr(spec, "persistent", True) is not False:
+            canon = self.tied.get(spec.target)
+            if canon is not None and canon in self.param_labels:  # tied weights: one tensor, one label
+                return self.param_labels[canon]
             lab = self.fresh(shape)
             self.param_labels[spec.target] = lab
             return lab
@@ -325,13 +329,7 @@ def _frozen_leaves(atoms: Atoms, a: int, out: set[int]) -> None:
 def build_spec(prop: Propagator, model: nn.Module, info: dict) -> PermutationSpec:
     atoms = prop.atoms
     state = model.state_dict(keep_vars=True)
-    # tied weights: keys that share storage with a key the graph saw
-    by_ptr: dict[tuple, str] = {}
-    for k in prop.param_labels:
-        t = state.get(k)
-        if t is not None:
-            by_ptr[(t.data_ptr(), tuple(t.shape))] = k
-    aliases: dict[str, str] = {}
+    aliases: dict[str, str] = dict(prop.tied)
     gid: dict[int, str] = {}
     axes: dict[str, list] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -340,12 +338,10 @@ def build_spec(prop: Propagator, model: nn.Module, info: dict) -> PermutationSpe
     unused: list[AxisRef] = []
     for key, t in state.items():
         shape = tuple(t.shape)
+        if key in aliases:
+            continue
         lab = prop.param_labels.get(key)
         if lab is None:
-            canon = by_ptr.get((t.data_ptr(), shape)) if t.numel() else None
-            if canon is not None and canon != key:
-                aliases[key] = canon
-                continue
             shapes[key] = shape
             axes[key] = list(shape)
             unused.extend(AxisRef(key, d) for d, s in enumerate(shape) if s > 1)
@@ -442,6 +438,21 @@ def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProg
             m.training = t
 
 
+def _tied_keys(model: nn.Module) -> dict[str, str]:
+    """State-dict keys that share storage with an earlier key (tied weights): key -> first key."""
+    first: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        if t.numel() == 0:
+            continue
+        sig = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if sig in first:
+            tied[k] = first[sig]
+        else:
+            first[sig] = k
+    return tied
+
+
 def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze: Iterable[str] = (),
           seed: int = 0) -> PermutationSpec:
     """Trace ``model`` into a verified PermutationSpec.
@@ -470,7 +481,7 @@ def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze:
     t0 = time.perf_counter()
     ep = export(model, inputs)
     t1 = time.perf_counter()
-    prop = Propagator(ep)
+    prop = Propagator(ep, _tied_keys(model))
     prop.run()
     info = {"model": type(model).__name__,
             "example_input_shapes": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],

@@ -102,7 +102,8 @@ class _Checker:
         self.tol = TOL[self.dtype]
         base = randomize_(copy.deepcopy(model).eval().to(self.dtype), gen)
         self.inputs = _cast_inputs(resolve_inputs(model, inputs), self.dtype)
-        self.state = base.state_dict()
+        # clone: state_dict() shares storage with the model, which load_state_dict overwrites
+        self.state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self.ref = _outputs(base, self.inputs)
         self.work = base
         self.spec = spec

@@ -312,20 +312,46 @@ class PermutationSpec:
         lines.append(f"not permuted ({len(unperm)} tensors): "
                      + (", ".join(unperm[:12]) + (" ..." if len(unperm) > 12 else "") if unperm else "none"))
         if self.frozen:
-            lines.append("")
-            lines.append("frozen parts:")
             by_reason: dict[str, list[FrozenPart]] = {}
             for f in self.frozen:
-                by_reason.setdefault(f.reason, []).append(f)
-            for reason, parts in by_reason.items():
+                by_reason.setdefault(_base_reason(f.reason), []).append(f)
+            expected = {k: v for k, v in by_reason.items() if k in EXPECTED_FROZEN}
+            other = {k: v for k, v in by_reason.items() if k not in EXPECTED_FROZEN}
+            lines.append("")
+            lines.append("frozen parts (units that must stay in place):")
+            if expected:
+                lines.append("  by nature: " + "; ".join(
+                    f"{k} ({len(v)})" for k, v in sorted(expected.items())))
+            for reason, parts in other.items():
                 axes = sorted({str(a) for p in parts for a in p.axes})
-                lines.append(f"  - {reason}: {len(parts)} part(s), "
-                             f"{sum(p.size for p in parts)} units; axes: "
-                             + (", ".join(axes[:6]) + (" ..." if len(axes) > 6 else "") if axes else "-"))
+                wheres = sorted({_where(p.reason) for p in parts} - {""})
+                lines.append(f"  - {reason}: {len(parts)} part(s), {sum(p.size for p in parts)} units"
+                             + (f" at {', '.join(wheres[:3])}" + (" ..." if len(wheres) > 3 else "")
+                                if wheres else "")
+                             + ("; axes: " + ", ".join(axes[:6]) + (" ..." if len(axes) > 6 else "")
+                                if axes else ""))
+            if not other:
+                lines.append("  nothing frozen for lack of understanding: every hidden unit the model has is "
+                             "permutable")
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.report()
+
+
+EXPECTED_FROZEN = {
+    "model input", "model output", "convolution kernel positions", "spatial positions after a convolution",
+    "spatial positions after pooling/resampling", "not used by the traced forward pass",
+}
+
+
+def _base_reason(reason: str) -> str:
+    return reason.split(" (node ")[0].split(" (")[0] if reason.endswith(")") else reason
+
+
+def _where(reason: str) -> str:
+    i = reason.rfind(" (node ")
+    return reason[i + 2:-1] if i >= 0 else ""
 
 
 def _match(key: str, pattern: str) -> bool:

@@ -1,0 +1,32 @@
+"""The project's own promises: README Quickstart and CI run the same test command; CLI works."""
+
+import re
+from pathlib import Path
+
+import permgraph
+from permgraph.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quickstart_commands():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+
+
+def test_readme_has_exactly_two_quickstart_commands_and_ci_runs_the_test_one():
+    cmds = _quickstart_commands()
+    assert len(cmds) == 2
+    assert "pytest" in cmds[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert cmds[1] in [ln.strip() for ln in ci]
+
+
+def test_cli_trace_writes_a_loadable_spec(tmp_path, capsys):
+    out = tmp_path / "spec.json"
+    assert main(["trace", "mlp", "--json", str(out)]) == 0
+    spec = permgraph.PermutationSpec.from_json(out.read_text())
+    assert len(spec.groups) == 3
+    assert "coverage report" in capsys.readouterr().out

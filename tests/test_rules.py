@@ -1,0 +1,275 @@
+"""Unit tests of the op rules on tiny modules: structure of the traced spec, and function preserved."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import permgraph
+from permgraph import _rules
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_equivalent(model, spec, x, seeds=(0, 1, 2)):
+    res = permgraph.check_equivalence(model, spec, (x,))
+    assert res.ok, (res.rel_error, res.failing)
+    model = model.eval()
+    for s in seeds:
+        perm = permgraph.random_permutation(spec, s)
+        out = permgraph.apply(model, spec, perm)(x)
+        ref = model(x)
+        assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 5)
+        self.b = nn.Linear(8, 7)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(torch.cat([F.relu(self.a(x)), torch.tanh(self.b(x))], dim=1))
+
+
+def test_concat_of_unequal_sizes_is_a_sum_of_two_groups():
+    m = Concat()
+    x = torch.randn(4, 8, generator=_gen())
+    spec = permgraph.trace(m, x)
+    ga, gb = spec.axes["a.weight"][0], spec.axes["b.weight"][0]
+    assert isinstance(ga, str) and isinstance(gb, str) and ga != gb
+    assert spec.groups[ga].size == 5 and spec.groups[gb].size == 7
+    assert spec.axes["head.weight"][1] == {"sum": [ga, gb]}
+    assert spec.axes["head.weight"][0] == 3  # output: frozen
+    assert_equivalent(m, spec, x)
+
+
+class Grouped(nn.Module):
+    def __init__(self, groups=4):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 12, 3, padding=1, groups=groups)
+        self.c2 = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.g(F.relu(self.c1(x))))).mean((2, 3))
+
+
+def test_grouped_conv_is_blocks_with_a_shared_block_permutation():
+    m = Grouped(4)
+    x = torch.randn(2, 3, 6, 6, generator=_gen())
+    spec = permgraph.trace(m, x)
+    t_in = spec.axes["c1.weight"][0]
+    t_out = spec.axes["g.weight"][0]
+    assert set(t_in) == {"prod"} and set(t_out) == {"prod"}
+    g_blocks, g_inner_in = t_in["prod"]
+    g_blocks2, g_inner_out = t_out["prod"]
+    assert g_blocks == g_blocks2 and spec.groups[g_blocks].size == 4  # whole groups move together
+    assert spec.groups[g_inner_in].size == 2 and spec.groups[g_inner_out].size == 3
+    assert spec.axes["g.weight"][1] == g_inner_in  # the same in-group permutation in every group
+    assert spec.axes["c2.weight"][1] == t_out
+    assert_equivalent(m, spec, x)
+
+
+class Depthwise(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.relu6(self.bn1(self.c1(x)))
+        x = F.relu6(self.bn2(self.dw(x)))
+        return self.c2(x).mean((2, 3))
+
+
+def test_depthwise_conv_couples_input_and_output_channels():
+    m = Depthwise()
+    x = torch.randn(2, 3, 6, 6, generator=_gen())
+    spec = permgraph.trace(m, x)
+    assert len(spec.groups) == 1
+    (g,) = spec.groups
+    keys = {(mm.axis.tensor, mm.axis.dim) for mm in spec.groups[g].members}
+    for k in ["c1.weight", "bn1.weight", "bn1.running_mean", "bn1.running_var", "dw.weight", "bn2.bias",
+              "bn2.running_var"]:
+        assert (k, 0) in keys
+    assert ("c2.weight", 1) in keys
+    assert_equivalent(m, spec, x)
+
+
+class GN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.c2 = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.c2(F.silu(self.gn(self.c1(x)))).amax((2, 3))
+
+
+def test_group_norm_splits_channels_into_groups():
+    m = GN()
+    x = torch.randn(2, 3, 5, 5, generator=_gen())
+    spec = permgraph.trace(m, x)
+    tree = spec.axes["gn.weight"][0]
+    assert set(tree) == {"prod"}
+    assert [spec.groups[g].size for g in tree["prod"]] == [4, 2]
+    assert spec.axes["c1.bias"][0] == tree
+    assert_equivalent(m, spec, x)
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.bn(self.conv(x))), 1))
+
+
+def test_flatten_into_linear_is_a_kronecker_product():
+    m = FlattenLinear()
+    x = torch.randn(2, 3, 4, 4, generator=_gen())
+    spec = permgraph.trace(m, x)
+    g = spec.axes["conv.weight"][0]
+    assert spec.axes["fc.weight"][1] == {"prod": [g, 16]}
+    assert_equivalent(m, spec, x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=12, heads=3):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(5, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+        return self.head(x.mean(1))
+
+
+def test_fused_qkv_attention_has_heads_and_separate_qk_and_vo_dims():
+    m = Attention()
+    x = torch.randn(2, 7, 5, generator=_gen())
+    spec = permgraph.trace(m, x)
+    resid = spec.axes["embed.weight"][0]
+    assert spec.axes["norm.weight"][0] == resid and spec.axes["proj.weight"][0] == resid
+    tree = spec.axes["qkv.weight"][0]
+    assert set(tree) == {"sum"}
+    (h1, qk1), (h2, qk2), (h3, vo) = (t["prod"] for t in tree["sum"])
+    assert h1 == h2 == h3 and spec.groups[h1].size == 3  # heads move as a whole
+    assert qk1 == qk2 and vo != qk1  # queries and keys share a permutation, values have their own
+    assert spec.groups[qk1].size == 4 and spec.groups[vo].size == 4
+    assert spec.axes["proj.weight"][1] == {"prod": [h1, vo]}
+    assert len(spec.groups) == 4
+    assert_equivalent(m, spec, x)
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(torch.special.i0(self.a(x)))))
+
+
+def test_unknown_op_freezes_what_it_touches_and_reports_it():
+    m = Unknown()
+    x = torch.randn(3, 4, generator=_gen())
+    spec = permgraph.trace(m, x)
+    assert spec.axes["a.weight"][0] == 6  # frozen by the unknown op
+    assert isinstance(spec.axes["b.weight"][0], str)  # the next hidden layer is still permutable
+    assert any("i0" in r for r in spec.info["unsupported_ops"])
+    assert any("unsupported op" in f.reason and "i0" in f.reason for f in spec.frozen)
+    assert "i0" in spec.report()
+    assert_equivalent(m, spec, x)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return x
+
+
+def test_untraceable_model_raises_a_trace_error_naming_the_problem():
+    with pytest.raises(permgraph.TraceError, match="torch.export could not trace DataDependent"):
+        permgraph.trace(DataDependent(), torch.randn(2, 4))
+
+
+def test_missing_example_inputs_say_how_to_pass_them():
+    with pytest.raises(permgraph.TraceError, match="Pass them explicitly"):
+        permgraph.trace(nn.ReLU())
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.c1(x)))
+        x = F.relu(self.bn2(self.c2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_verification_freezes_groups_that_a_wrong_rule_would_break(monkeypatch):
+    """A rule that forgets BatchNorm's running_var: verification must catch it (randomised statistics),
+    freeze exactly the affected group, and still return a function-preserving spec."""
+
+    def forgetful(cx, node):
+        lx = cx.label(node.args[0])
+        for p in node.args[1:4]:  # weight, bias, running_mean, but not running_var
+            if p is not None:
+                cx.unify(cx.label(p)[0], lx[1])
+        return lx
+
+    monkeypatch.setitem(_rules.RULES, torch.ops.aten.batch_norm, forgetful)
+    m = BNNet()
+    x = torch.randn(2, 3, 5, 5, generator=_gen())
+    spec = permgraph.trace(m, x)
+    assert spec.info["verification"]["status"].startswith("passed after freezing")
+    assert len(spec.groups) == 0  # both hidden groups touched a forgotten running_var
+    assert any("changed the model's output" in f.reason for f in spec.frozen)
+    assert permgraph.check_equivalence(m, spec, (x,)).ok
+
+
+def test_check_equivalence_detects_a_broken_spec():
+    m = BNNet()
+    x = torch.randn(2, 3, 5, 5, generator=_gen())
+    spec = permgraph.trace(m, x)
+    assert len(spec.groups) == 2
+    axes = dict(spec.axes)
+    axes["bn1.running_var"] = [6]  # forget one buffer, as other tools do
+    broken = permgraph.PermutationSpec.from_axes(axes, spec.shapes, spec.group_sizes())
+    res = permgraph.check_equivalence(m, broken, (x,))
+    assert not res.ok
+    assert res.failing == [spec.axes["bn1.weight"][0]]
