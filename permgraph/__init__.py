@@ -11,6 +11,9 @@ from . import models as models
 from ._trace import trace as trace
 from ._verify import EquivalenceResult as EquivalenceResult
 from ._verify import check_equivalence as check_equivalence
+from .align import Alignment as Alignment
+from .align import align as align
+from .align import identity_alignment as identity_alignment
 from .errors import PermgraphError as PermgraphError
 from .errors import SpecMismatchError as SpecMismatchError
 from .errors import TraceError as TraceError
@@ -29,7 +32,7 @@ from .spec import PermutationSpec as PermutationSpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "AxisRef", "EquivalenceResult", "FrozenPart", "Group", "Permutation", "PermgraphError",
-    "PermutationSpec", "SpecMismatchError", "TraceError", "VerificationError", "apply", "check_equivalence",
-    "compose", "identity", "inverse", "models", "random_permutation", "trace",
+    "Alignment", "AxisRef", "EquivalenceResult", "FrozenPart", "Group", "Permutation", "PermgraphError",
+    "PermutationSpec", "SpecMismatchError", "TraceError", "VerificationError", "align", "apply", "check_equivalence",
+    "compose", "identity", "identity_alignment", "inverse", "models", "random_permutation", "trace",
 ]

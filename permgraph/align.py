@@ -1,0 +1,436 @@
+"""Aligning two networks: weight matching and activation matching on any traced model.
+
+``align(a, b)`` returns an ``Alignment``: one permutation per group that maps B's units onto A's
+(``alignment.apply(b)`` reorders B to be close to A; B's function is unchanged).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._solver import assign
+from .errors import SpecMismatchError
+from .permutation import Permutation, axis_index, identity
+from .permutation import apply as _apply
+from .permutation import compose as _compose
+from .spec import PermutationSpec, Tree
+
+STAT_SUFFIXES = ("running_mean", "running_var")
+
+
+# ---------------------------------------------------------------------------------------------- Alignment
+@dataclass
+class Alignment:
+    """One permutation per group mapping B's units onto A's.
+
+    Attributes:
+        perm: the permutation (``new = old[p]``), to be applied to B.
+        spec: the spec the groups belong to.
+        method: "weight", "activation", "identity", "composed" or "inverse".
+        settings: the options used.
+        groups: per-group diagnostics (similarity before/after, fraction of units moved, sweeps).
+        log: the convergence log (one entry per sweep for weight matching).
+    """
+
+    perm: Permutation
+    spec: PermutationSpec
+    method: str = "weight"
+    settings: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def apply(self, b):
+        """Reorder B (a model, or a full or partial state dict such as a mask) onto A's units."""
+        return _apply(b, self.spec, self.perm)
+
+    def inverse(self) -> Alignment:
+        """The alignment that maps A's units onto B's."""
+        return Alignment(self.perm.inverse(), self.spec, "inverse", {"of": self.method})
+
+    @property
+    def fixed_fraction(self) -> float:
+        """Fraction of all units that the alignment leaves in place."""
+        tot = sum(len(p) for p in self.perm.values())
+        fixed = sum(int((p == torch.arange(len(p))).sum()) for p in self.perm.values())
+        return fixed / max(tot, 1)
+
+    def summary(self) -> str:
+        lines = [f"Alignment ({self.method}) over {len(self.perm)} groups; "
+                 f"{100 * (1 - self.fixed_fraction):.1f}% of units moved"]
+        if self.log:
+            lines.append(f"  sweeps: {len(self.log)}; objective {self.log[0].get('objective_before', float('nan')):.4g}"
+                         f" -> {self.log[-1].get('objective', float('nan')):.4g}")
+        for g, d in list(self.groups.items())[:40]:
+            extras = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+            lines.append(f"  {g}: {extras}")
+        return "\n".join(lines)
+
+    __str__ = summary
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the permutations (safetensors) with JSON metadata: spec fingerprint, method, settings,
+        per-group diagnostics, convergence log and the spec itself. Written atomically."""
+        from safetensors.torch import save_file
+
+        meta = {"permgraph_alignment": json.dumps({
+            "version": 1, "spec_fingerprint": self.spec.fingerprint(), "method": self.method,
+            "settings": _jsonable(self.settings), "groups": _jsonable(self.groups), "log": _jsonable(self.log),
+        }), "spec": self.spec.to_json(indent=None)}
+        tensors = {g: p.contiguous() for g, p in self.perm.items()}
+        path = os.fspath(path)
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, spec: PermutationSpec | None = None) -> Alignment:
+        """Read an alignment written by ``save``. When ``spec`` is given it must match the saved one."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if "permgraph_alignment" not in meta:
+            raise ValueError(f"{path} is not a permgraph alignment file")
+        info = json.loads(meta["permgraph_alignment"])
+        saved = PermutationSpec.from_json(meta["spec"])
+        if spec is not None and spec.fingerprint() != info["spec_fingerprint"]:
+            raise SpecMismatchError(f"{path} was computed for a different spec (fingerprint "
+                                    f"{info['spec_fingerprint']} vs {spec.fingerprint()})")
+        return cls(Permutation(tensors), spec or saved, info["method"], info["settings"], info["groups"],
+                   info["log"])
+
+
+def compose(ab: Alignment, bc: Alignment) -> Alignment:
+    """``ab`` maps B onto A and ``bc`` maps C onto B; the result maps C onto A
+    (apply ``bc`` first, then ``ab``)."""
+    if ab.spec.fingerprint() != bc.spec.fingerprint():
+        raise SpecMismatchError("cannot compose alignments of different specs")
+    return Alignment(_compose(bc.perm, ab.perm), ab.spec, "composed", {"of": [ab.method, bc.method]})
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _jsonable(x):
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def _state(obj) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    raise TypeError(f"expected an nn.Module or a state dict, got {type(obj).__name__}")
+
+
+def check_same_spec(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> None:
+    """Raise a SpecMismatchError naming the first difference between the two state dicts and the spec."""
+    for name, sd in (("A", a), ("B", b)):
+        for k in spec.axes:
+            if k not in sd:
+                raise SpecMismatchError(f"model {name} has no tensor {k!r}, which the spec expects; "
+                                        "are both models the same architecture?")
+            if tuple(sd[k].shape) != tuple(spec.shapes[k]):
+                raise SpecMismatchError(f"{k}: model {name} has shape {tuple(sd[k].shape)}, the spec "
+                                        f"{tuple(spec.shapes[k])}; the models differ in architecture or width")
+        extra = [k for k in sd if k not in spec.axes and k not in spec.aliases]
+        if extra:
+            raise SpecMismatchError(f"model {name} has tensors the spec does not know ({extra[:3]}); "
+                                    "are both models the same architecture?")
+    devs = {t.device for sd in (a, b) for t in sd.values()}
+    if len(devs) > 1:
+        raise SpecMismatchError(f"the models' tensors are on different devices ({sorted(map(str, devs))}); "
+                                "move both to one device (or pass device=...)")
+    for name, sd in (("A", a), ("B", b)):
+        for k, t in sd.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"model {name}'s tensor {k!r} holds NaN or inf values; alignment needs "
+                                 "finite weights")
+
+
+def _coords(tree: Tree, sizes: dict[str, int], g: str) -> torch.Tensor:
+    """For every position along an axis, the unit of group ``g`` it belongs to (-1 if none)."""
+    if isinstance(tree, str):
+        n = sizes[tree]
+        return torch.arange(n) if tree == g else torch.full((n,), -1, dtype=torch.long)
+    if isinstance(tree, int):
+        return torch.full((tree,), -1, dtype=torch.long)
+    kind, kids = next(iter(tree.items()))
+    parts = [_coords(k, sizes, g) for k in kids]
+    if kind == "sum":
+        return torch.cat(parts)
+    ns = [len(p) for p in parts]
+    out = torch.full(ns, -1, dtype=torch.long)
+    hits = [i for i, p in enumerate(parts) if (p >= 0).any()]
+    if len(hits) > 1:
+        raise ValueError("a group appears twice in one product")
+    if hits:
+        i = hits[0]
+        shape = [1] * len(ns)
+        shape[i] = ns[i]
+        out = parts[i].view(shape).expand(ns).clone()
+    return out.reshape(-1)
+
+
+def unit_positions(tree: Tree, sizes: dict[str, int], g: str) -> torch.Tensor:
+    """Positions along an axis grouped by unit of ``g``: an (n, C) LongTensor whose row ``i`` lists the
+    C positions of unit ``i``, in an order that pairs positions with the same context across units."""
+    c = _coords(tree, sizes, g)
+    pos = (c >= 0).nonzero().squeeze(1)
+    order = torch.sort(c[pos], stable=True).indices
+    return pos[order].reshape(sizes[g], -1)
+
+
+@dataclass
+class _Member:
+    key: str
+    dim: int
+    idx: torch.Tensor  # (n, C)
+
+
+def _members(spec: PermutationSpec, keys: Iterable[str]) -> dict[str, list[_Member]]:
+    sizes = spec.group_sizes()
+    out: dict[str, list[_Member]] = {g: [] for g in spec.groups}
+    for key in keys:
+        for dim, tree in enumerate(spec.axes[key]):
+            if isinstance(tree, int):
+                continue
+            seen = []
+            stack = [tree]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, str):
+                    if t not in seen:
+                        seen.append(t)
+                elif isinstance(t, dict):
+                    stack.extend(next(iter(t.values())))
+            for g in seen:
+                try:
+                    out[g].append(_Member(key, dim, unit_positions(tree, sizes, g)))
+                except ValueError:
+                    continue
+    return out
+
+
+def _select_keys(spec: PermutationSpec, include, exclude, include_stats: bool) -> list[str]:
+    keys = []
+    for k in spec.axes:
+        if not include_stats and k.endswith(STAT_SUFFIXES):
+            continue
+        if k.endswith("num_batches_tracked"):
+            continue
+        if include is not None and not any(fnmatch.fnmatchcase(k, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(k, p) for p in exclude):
+            continue
+        keys.append(k)
+    return keys
+
+
+def _magnitude_zeroed(t: torch.Tensor, fraction: float, mode: str) -> torch.Tensor:
+    """A copy of ``t`` with the ``fraction`` smallest ("small") or largest ("large") magnitudes zeroed."""
+    k = int(round(fraction * t.numel()))
+    if k <= 0 or t.ndim < 2:
+        return t
+    flat = t.abs().flatten()
+    idx = torch.topk(flat, k, largest=(mode == "large")).indices
+    out = t.flatten().clone()
+    out[idx] = 0
+    return out.view_as(t)
+
+
+# ---------------------------------------------------------------------------------------------- weight matching
+def _permuted(t: torch.Tensor, trees: list[Tree], perm: Mapping[str, torch.Tensor], sizes, skip_dim=None,
+              skip_group=None) -> torch.Tensor:
+    for d, tree in enumerate(trees):
+        if isinstance(tree, int):
+            continue
+        p = perm
+        if d == skip_dim:
+            p = dict(perm)
+            p[skip_group] = torch.arange(sizes[skip_group])
+        idx = axis_index(tree, p, sizes)
+        if idx is not None:
+            t = t.index_select(d, idx.to(t.device))
+    return t
+
+
+def _slices(t: torch.Tensor, m: _Member) -> torch.Tensor:
+    n = m.idx.shape[0]
+    x = t.index_select(m.dim, m.idx.reshape(-1).to(t.device)).movedim(m.dim, 0)
+    return x.reshape(n, -1)
+
+
+def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
+                    max_iter: int = 100, seed: int = 0, include: list[str] | None = None,
+                    exclude: Iterable[str] = (), include_stats: bool = False, prune_fraction: float = 0.0,
+                    prune_mode: str = "small", init: Mapping[str, torch.Tensor] | None = None,
+                    groups: Iterable[str] | None = None, progress: bool = False,
+                    device=None) -> tuple[Permutation, dict, list]:
+    """Coordinate descent over groups (Ainsworth et al.). Returns (perm, per-group diagnostics, log)."""
+    if prune_mode not in ("small", "large"):
+        raise ValueError(f"prune_mode must be 'small' or 'large', got {prune_mode!r}")
+    if not 0.0 <= prune_fraction < 1.0:
+        raise ValueError(f"prune_fraction must be in [0, 1), got {prune_fraction}")
+    sizes = spec.group_sizes()
+    keys = _select_keys(spec, include, list(exclude), include_stats)
+    dev = torch.device(device) if device is not None else next(iter(a.values())).device
+    A = {k: a[k].to(dev, torch.float32) for k in keys}
+    B = {k: b[k].to(dev, torch.float32) for k in keys}
+    if prune_fraction > 0:
+        A = {k: _magnitude_zeroed(t, prune_fraction, prune_mode) for k, t in A.items()}
+        B = {k: _magnitude_zeroed(t, prune_fraction, prune_mode) for k, t in B.items()}
+    members = _members(spec, keys)
+    todo = [g for g in (spec.groups if groups is None else groups) if members.get(g)]
+    perm = {g: torch.arange(n) for g, n in sizes.items()}
+    if init is not None:
+        perm.update({g: torch.as_tensor(p) for g, p in init.items()})
+
+    def similarity(g: str) -> torch.Tensor:
+        n = sizes[g]
+        s = torch.zeros(n, n, dtype=torch.float64, device=dev)
+        for m in members[g]:
+            bt = _permuted(B[m.key], spec.axes[m.key], perm, sizes, m.dim, g)
+            s += (_slices(A[m.key], m) @ _slices(bt, m).T).double()
+        return s
+
+    def objective() -> float:
+        tot = 0.0
+        for k in keys:
+            tot += float((A[k] * _permuted(B[k], spec.axes[k], perm, sizes)).sum())
+        return tot
+
+    gen = torch.Generator().manual_seed(seed)
+    diag: dict[str, dict[str, Any]] = {}
+    log: list[dict[str, Any]] = []
+    start = objective()
+    bar = _bar(progress, max_iter, "weight matching (sweeps)")
+    sweeps = 0
+    for it in range(max_iter):
+        sweeps = it + 1
+        t0 = time.perf_counter()
+        improved = 0
+        order = [todo[i] for i in torch.randperm(len(todo), generator=gen).tolist()]
+        for g in order:
+            s = similarity(g)
+            ar = torch.arange(sizes[g], device=dev)
+            old = float(s[ar, perm[g].to(dev)].sum())
+            new_p = assign(s)
+            new = float(s[ar, new_p.to(dev)].sum())
+            d = diag.setdefault(g, {"similarity_before": old, "sweeps": 0})
+            if new > old + 1e-9 * max(1.0, abs(old)):
+                perm[g] = new_p
+                improved += 1
+                d["sweeps"] = sweeps
+            d["similarity_after"] = max(new, old)
+        log.append({"sweep": sweeps, "groups_improved": improved, "seconds": time.perf_counter() - t0,
+                    "objective_before": start, "objective": objective()})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(improved=improved)
+        if improved == 0:
+            break
+    if bar is not None:
+        bar.close()
+    for g, d in diag.items():
+        d["moved_fraction"] = float((perm[g] != torch.arange(sizes[g])).float().mean())
+    return Permutation(perm), diag, log
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------- public
+def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | None = None,
+          example_inputs=None, max_iter: int = 100, seed: int = 0, device=None, num_samples: int | None = None,
+          progress: bool = True, **options) -> Alignment:
+    """Find the permutation of B's units that makes B closest to A.
+
+    Args:
+        a, b: models (or state dicts, with ``spec`` given) of the same architecture.
+        method: ``"weight"`` (weight matching) or ``"activation"`` (activation matching, needs ``loader``).
+        loader: any iterable of input batches or (input, target) pairs (a DataLoader works as is).
+        spec: the PermutationSpec; default ``trace(a, example_inputs)``.
+        max_iter: maximum number of weight-matching sweeps.
+        seed: seed of the group order in weight matching.
+        device: where to compute (default: where A's tensors are).
+        num_samples: activation matching: stop after this many inputs.
+        progress: show progress bars.
+        **options: weight matching: ``include`` / ``exclude`` (glob patterns of state-dict keys),
+            ``include_stats`` (BatchNorm running statistics in the objective; default False),
+            ``prune_fraction`` and ``prune_mode`` ("small" | "large": match on copies with that fraction of
+            each weight tensor's smallest / largest magnitudes zeroed; the result applies to the real
+            weights). Activation matching: ``similarity`` ("pearson" | "inner" | "cosine").
+
+    Returns:
+        an Alignment mapping B's units onto A's: ``alignment.apply(b)`` is B reordered (same function).
+    """
+    if method not in ("weight", "activation"):
+        raise ValueError(f"method must be 'weight' or 'activation', got {method!r}")
+    if spec is None:
+        if not isinstance(a, nn.Module):
+            raise TypeError("pass spec=... when aligning state dicts (or pass the models themselves)")
+        from ._trace import trace
+
+        spec = trace(a, example_inputs)
+    sa, sb = _state(a), _state(b)
+    check_same_spec(spec, sa, sb)
+    settings = {"method": method, "max_iter": max_iter, "seed": seed, **options}
+    if method == "weight":
+        unknown = set(options) - {"include", "exclude", "include_stats", "prune_fraction", "prune_mode"}
+        if unknown:
+            raise TypeError(f"unknown weight-matching options {sorted(unknown)}")
+        perm, diag, log = weight_matching(spec, sa, sb, max_iter=max_iter, seed=seed, progress=progress,
+                                          device=device, **options)
+        return Alignment(perm, spec, "weight", settings, diag, log)
+    if loader is None:
+        raise ValueError("activation matching needs data: pass loader=<iterable of input batches>")
+    if not (isinstance(a, nn.Module) and isinstance(b, nn.Module)):
+        raise TypeError("activation matching needs the models themselves, not state dicts")
+    from ._activations import activation_matching
+
+    unknown = set(options) - {"similarity"}
+    if unknown:
+        raise TypeError(f"unknown activation-matching options {sorted(unknown)}")
+    perm, diag, log = activation_matching(spec, a, b, loader, num_samples=num_samples, device=device,
+                                          progress=progress, seed=seed, **options)
+    return Alignment(perm, spec, "activation", settings, diag, log)
+
+
+def identity_alignment(spec: PermutationSpec) -> Alignment:
+    """The alignment that moves nothing."""
+    return Alignment(identity(spec), spec, "identity")
