@@ -25,6 +25,7 @@ import argparse
 import copy
 import importlib.util
 import math
+import os
 import platform
 import statistics
 import sys
@@ -84,6 +85,8 @@ class Row:
     verify_s: float | None = None
     total_s: float | None = None
     totals: list[float] = field(default_factory=list)
+    cpu_s: float | None = None  # median process CPU time of one trace (all threads)
+    load: tuple[float, float] = (0.0, 0.0)  # 1-minute load average before / after the model
     error: str | None = None
     tp: str = ""  # Torch-Pruning median time or "fails: <type>"
 
@@ -143,21 +146,22 @@ def bench_permgraph(row: Row, model, inputs, repeats: int) -> None:
     runs = []
     try:
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             spec = permgraph.trace(model, inputs)
-            wall = time.perf_counter() - t0
-            runs.append((spec.info["timings"], wall))
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            runs.append((spec.info["timings"], wall, cpu))
     except Exception as e:  # report and go on with the next model
         row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
         return
     row.groups = len(spec.groups)
     row.coverage, row.key_coverage = coverage(model, spec)
     row.verification = str(spec.info.get("verification", {}).get("status", ""))
-    row.export_s = statistics.median(t["export_s"] for t, _ in runs)
-    row.propagate_s = statistics.median(t["propagate_s"] for t, _ in runs)
-    row.verify_s = statistics.median(t["verify_s"] for t, _ in runs)
-    row.totals = [w for _, w in runs]
+    row.export_s = statistics.median(t["export_s"] for t, _, _ in runs)
+    row.propagate_s = statistics.median(t["propagate_s"] for t, _, _ in runs)
+    row.verify_s = statistics.median(t["verify_s"] for t, _, _ in runs)
+    row.totals = [w for _, w, _ in runs]
     row.total_s = statistics.median(row.totals)
+    row.cpu_s = statistics.median(c for _, _, c in runs)
 
 
 def bench_tp(row: Row, model, inputs, repeats: int) -> None:
@@ -186,8 +190,8 @@ def fmt(x: float | None, spec: str = ".2f") -> str:
     return "" if x is None else format(x, spec)
 
 
-HEADER = ["model", "input", "params (M)", "groups", "coverage (elems)", "coverage (keys)", "export s", "propagate s", "verify s",
-          "total s", "< 3 s target", "Torch-Pruning DG s"]
+HEADER = ["model", "input", "params (M)", "groups", "coverage (elems)", "coverage (keys)", "export s",
+          "propagate s", "verify s", "total s", "cpu s", "< 3 s target", "Torch-Pruning DG s"]
 
 
 def table(rows: list[Row], with_tp: bool) -> list[list[str]]:
@@ -195,11 +199,12 @@ def table(rows: list[Row], with_tp: bool) -> list[list[str]]:
     for r in rows:
         if r.error is not None:
             cells = [r.name, "x".join(map(str, r.input_shape)), f"{r.params / 1e6:.1f}", "", "", "",
-                     "", "", "", f"fails: {r.error.split(':')[0]}", r.target]
+                     "", "", "", f"fails: {r.error.split(':')[0]}", "", r.target]
         else:
             cov, kcov = pct(r.coverage), pct(r.key_coverage)
             cells = [r.name, "x".join(map(str, r.input_shape)), f"{r.params / 1e6:.1f}", str(r.groups), cov, kcov,
-                     fmt(r.export_s), fmt(r.propagate_s, '.3f'), fmt(r.verify_s), fmt(r.total_s), r.target]
+                     fmt(r.export_s), fmt(r.propagate_s, '.3f'), fmt(r.verify_s), fmt(r.total_s),
+                     fmt(r.cpu_s), r.target]
         if with_tp:
             cells.append(r.tp)
         out.append(cells)
@@ -216,7 +221,7 @@ def print_table(header: list[str], body: list[list[str]]) -> None:
 
 def markdown(header: list[str], body: list[list[str]]) -> str:
     right = {"params (M)", "groups", "coverage (elems)", "coverage (keys)", "export s", "propagate s", "verify s", "total s",
-             "Torch-Pruning DG s"}
+             "cpu s", "Torch-Pruning DG s"}
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---:" if h in right else "---" for h in header) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
@@ -259,11 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         model, inputs = build(name)
         row = Row(name, tuple(inputs[0].shape), sum(p.numel() for p in model.parameters()))
+        load0 = os.getloadavg()[0]
         bench_permgraph(row, model, inputs, args.repeats)
+        row.load = (load0, os.getloadavg()[0])
         if with_tp:
             bench_tp(row, model, inputs, args.repeats)
         status = row.error or (f"total {row.total_s:.2f}s (runs {', '.join(f'{t:.2f}' for t in row.totals)}), "
-                               f"dominant {row.dominant()}, verification {row.verification}")
+                               f"cpu {row.cpu_s:.2f}s, dominant {row.dominant()}, verification {row.verification}, "
+            f"load {row.load[0]:.1f}->{row.load[1]:.1f}")
         print(f"[{name}] {status}" + (f"; torch-pruning {row.tp}" if with_tp else ""), file=sys.stderr,
               flush=True)
         rows.append(row)
@@ -278,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
           f"<= 100M params meet the {TARGET_S:g} s target; misses: "
           + (", ".join(f"{r.name} ({r.total_s:.2f}s, {r.dominant()})" if r.total_s else f"{r.name} (fails)"
                        for r in misses) or "none"))
+    loads = [x for r in rows for x in r.load]
+    note = (f"Median of {args.repeats} runs; torch.set_num_threads({args.threads}); {os.cpu_count()} CPUs; "
+            f"1-minute load average during the run {min(loads):.1f}-{max(loads):.1f}.")
+    print(note)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(header, body))
+            f.write(markdown(header, body) + "\n" + note + "\n")
         print(f"wrote {args.markdown}", file=sys.stderr)
     return 0
 

@@ -13,6 +13,7 @@ from ._verify import EquivalenceResult as EquivalenceResult
 from ._verify import check_equivalence as check_equivalence
 from .align import Alignment as Alignment
 from .align import align as align
+from .align import compose as compose
 from .align import identity_alignment as identity_alignment
 from .errors import PermgraphError as PermgraphError
 from .errors import SpecMismatchError as SpecMismatchError
@@ -20,7 +21,6 @@ from .errors import TraceError as TraceError
 from .errors import VerificationError as VerificationError
 from .permutation import Permutation as Permutation
 from .permutation import apply as apply
-from .permutation import compose as compose
 from .permutation import identity as identity
 from .permutation import inverse as inverse
 from .permutation import random_permutation as random_permutation

@@ -113,12 +113,18 @@ def _cut(gm: torch.fx.GraphModule, names: list[str]) -> torch.fx.GraphModule:
 
 
 class _Moments:
-    """Streaming first/second moments and cross-moments of two activation sets (float64 accumulators;
-    each batch's products are computed in the activations' dtype)."""
+    """Streaming first/second moments and cross-moments of two activation sets.
+
+    Accumulators are float64; each batch's products are computed in the activations' dtype. Values are
+    shifted by the first batch's means before the products (the shifted-data algorithm), which keeps the
+    covariance accurate when means are large next to standard deviations (GELU/ReLU outputs).
+    """
 
     def __init__(self, n: int, device):
         z = dict(dtype=torch.float64, device=device)
         self.count = 0
+        self.shift_a: torch.Tensor | None = None
+        self.shift_b: torch.Tensor | None = None
         self.sa = torch.zeros(n, **z)
         self.sb = torch.zeros(n, **z)
         self.saa = torch.zeros(n, **z)
@@ -126,6 +132,9 @@ class _Moments:
         self.sab = torch.zeros(n, n, **z)
 
     def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        if self.shift_a is None:
+            self.shift_a, self.shift_b = xa.mean(0), xb.mean(0)
+        xa, xb = xa - self.shift_a, xb - self.shift_b
         self.count += xa.shape[0]
         self.sa += xa.sum(0).double()
         self.sb += xb.sum(0).double()
@@ -133,17 +142,37 @@ class _Moments:
         self.sbb += (xb * xb).sum(0).double()
         self.sab += (xa.T @ xb).double()
 
-    def similarity(self, kind: str) -> torch.Tensor:
+    def _stats(self):
         n = max(self.count, 1)
-        if kind == "inner":
-            return self.sab / n
-        if kind == "cosine":
-            return self.sab / (self.saa.sqrt()[:, None] * self.sbb.sqrt()[None, :] + 1e-12)
-        ma, mb = self.sa / n, self.sb / n
-        cov = self.sab / n - ma[:, None] * mb[None, :]
+        ma, mb = self.sa / n, self.sb / n  # means of the shifted values
         va = (self.saa / n - ma * ma).clamp_min(0)
         vb = (self.sbb / n - mb * mb).clamp_min(0)
-        return cov / (va.sqrt()[:, None] * vb.sqrt()[None, :] + 1e-12)
+        return n, ma, mb, va, vb
+
+    def constant_units(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Units whose activation is (numerically) constant on the data, in A and in B."""
+        n, ma, mb, va, vb = self._stats()
+        ea = (ma + self.shift_a.double()) ** 2 + va
+        eb = (mb + self.shift_b.double()) ** 2 + vb
+        return va <= 1e-7 * ea + 1e-30, vb <= 1e-7 * eb + 1e-30
+
+    def similarity(self, kind: str) -> torch.Tensor:
+        n, ma, mb, va, vb = self._stats()
+        cov = self.sab / n - ma[:, None] * mb[None, :]
+        if kind == "pearson":
+            da, db = self.constant_units()
+            sim = cov / (va.sqrt()[:, None] * vb.sqrt()[None, :]).clamp_min(1e-30)
+            sim[da, :] = 0.0
+            sim[:, db] = 0.0
+            return sim.clamp(-1.0, 1.0)
+        sa, sb = self.shift_a.double(), self.shift_b.double()
+        ua, ub = ma + sa, mb + sb  # true means
+        inner = cov + ua[:, None] * ub[None, :]
+        if kind == "inner":
+            return inner
+        na = (va + ua * ua).sqrt()
+        nb = (vb + ub * ub).sqrt()
+        return inner / (na[:, None] * nb[None, :]).clamp_min(1e-30)
 
 
 def _input(batch):
@@ -212,23 +241,36 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
         raise ValueError("the loader yielded no inputs")
     perm = {g: torch.arange(grp.size) for g, grp in spec.groups.items()}
     diag = {}
+    degenerate: dict[str, torch.Tensor] = {}
     for g, m in moments.items():
         s = m.similarity(similarity)
         p = assign(s)
+        # units constant on the data (dead ReLUs) cannot be told apart by activations: weights decide
+        dead_a, dead_b = m.constant_units()
+        rows = (dead_a | dead_b[p]).nonzero().squeeze(1).cpu()
+        if len(rows) > 1:
+            degenerate[g] = rows
         ar = torch.arange(len(p))
         diag[g] = {"similarity_before": float(s[ar, ar].mean()), "similarity_after": float(s[ar, p].mean()),
                    "moved_fraction": float((p != ar).float().mean()), "samples": m.count}
         perm[g] = p
     rest = [g for g in spec.groups if g not in moments]
-    log = [{"inputs": seen, "groups_by_activation": len(moments), "groups_by_weight": len(rest)}]
-    if rest:
+    log = [{"inputs": seen, "groups_by_activation": len(moments), "groups_by_weight": len(rest),
+            "constant_units": {g: len(r) for g, r in degenerate.items()}}]
+    if rest or degenerate:
         from .align import weight_matching
 
-        perm2, diag2, log2 = weight_matching(spec, a.state_dict(), b.state_dict(), groups=rest, init=perm,
-                                             seed=seed, device=device)
-        perm = dict(perm2)
-        for g in rest:
-            if g in diag2:
-                diag[g] = {**diag2[g], "matched_by": "weight"}
-        log += log2
+        if rest:
+            perm2, diag2, log2 = weight_matching(spec, a.state_dict(), b.state_dict(), groups=rest, init=perm,
+                                                 seed=seed, device=device)
+            perm = dict(perm2)
+            for g in rest:
+                if g in diag2:
+                    diag[g] = {**diag2[g], "matched_by": "weight"}
+            log += log2
+        if degenerate:
+            perm2, _, log2 = weight_matching(spec, a.state_dict(), b.state_dict(), groups=list(degenerate),
+                                             init=perm, seed=seed, device=device, free_units=degenerate)
+            perm = dict(perm2)
+            log += log2
     return Permutation(perm), diag, log

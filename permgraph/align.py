@@ -119,9 +119,17 @@ class Alignment:
                    info["log"])
 
 
-def compose(ab: Alignment, bc: Alignment) -> Alignment:
-    """``ab`` maps B onto A and ``bc`` maps C onto B; the result maps C onto A
-    (apply ``bc`` first, then ``ab``)."""
+def compose(ab, bc):
+    """Compose alignments or permutations.
+
+    For alignments, ``ab = align(a, b)`` maps B onto A and ``bc = align(b, c)`` maps C onto B; the result
+    maps C onto A (``bc`` is applied first, then ``ab``). For plain permutations ``compose(p, q)`` is
+    ``p`` followed by ``q`` (see ``permgraph.permutation.compose``).
+    """
+    if not isinstance(ab, Alignment) or not isinstance(bc, Alignment):
+        if isinstance(ab, Alignment) or isinstance(bc, Alignment):
+            raise TypeError("compose() takes two Alignments or two permutations, not a mix")
+        return _compose(ab, bc)
     if ab.spec.fingerprint() != bc.spec.fingerprint():
         raise SpecMismatchError("cannot compose alignments of different specs")
     return Alignment(_compose(bc.perm, ab.perm), ab.spec, "composed", {"of": [ab.method, bc.method]})
@@ -213,6 +221,28 @@ class _Member:
     key: str
     dim: int
     idx: torch.Tensor  # (n, C)
+    nested: bool = False  # the group is a factor of a product that also holds other groups (e.g. heads)
+
+
+def _nested(tree: Tree, g: str) -> bool:
+    """Is ``g`` a factor of a product whose other factors hold groups (heads x head dims, blocks x units)?"""
+    if not isinstance(tree, dict):
+        return False
+    kind, kids = next(iter(tree.items()))
+    has = [any(True for _ in _groups_in(k)) for k in kids]
+    mine = [g in set(_groups_in(k)) for k in kids]
+    if kind == "prod" and any(mine):
+        if any(h for h, m in zip(has, mine) if not m):
+            return True
+    return any(_nested(k, g) for k, m in zip(kids, mine) if m)
+
+
+def _groups_in(tree: Tree):
+    if isinstance(tree, str):
+        yield tree
+    elif isinstance(tree, dict):
+        for k in next(iter(tree.values())):
+            yield from _groups_in(k)
 
 
 def _members(spec: PermutationSpec, keys: Iterable[str]) -> dict[str, list[_Member]]:
@@ -233,7 +263,7 @@ def _members(spec: PermutationSpec, keys: Iterable[str]) -> dict[str, list[_Memb
                     stack.extend(next(iter(t.values())))
             for g in seen:
                 try:
-                    out[g].append(_Member(key, dim, unit_positions(tree, sizes, g)))
+                    out[g].append(_Member(key, dim, unit_positions(tree, sizes, g), _nested(tree, g)))
                 except ValueError:
                     continue
     return out
@@ -293,8 +323,17 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                     exclude: Iterable[str] = (), include_stats: bool = False, prune_fraction: float = 0.0,
                     prune_mode: str = "small", init: Mapping[str, torch.Tensor] | None = None,
                     groups: Iterable[str] | None = None, progress: bool = False,
+                    free_units: Mapping[str, torch.Tensor] | None = None,
                     device=None) -> tuple[Permutation, dict, list]:
-    """Coordinate descent over groups (Ainsworth et al.). Returns (perm, per-group diagnostics, log)."""
+    """Coordinate descent over groups (Ainsworth et al.). Returns (perm, per-group diagnostics, log).
+
+    Groups that are the outer factor of a product with other groups (attention heads, blocks of a
+    grouped convolution) are first matched with a similarity that does not depend on the inner groups'
+    permutations (the squared Frobenius norm of each block pair's cross products), so that coordinate
+    descent does not lock in a wrong block order before the units inside blocks are aligned; then all
+    groups are refined with the plain objective. ``free_units`` restricts a group's reassignment to the
+    given A units (and the B units currently matched to them); ``groups`` restricts which groups move.
+    """
     if prune_mode not in ("small", "large"):
         raise ValueError(f"prune_mode must be 'small' or 'large', got {prune_mode!r}")
     if not 0.0 <= prune_fraction < 1.0:
@@ -313,12 +352,19 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     if init is not None:
         perm.update({g: torch.as_tensor(p) for g, p in init.items()})
 
-    def similarity(g: str) -> torch.Tensor:
+    def similarity(g: str, invariant: bool) -> torch.Tensor:
         n = sizes[g]
         s = torch.zeros(n, n, dtype=torch.float64, device=dev)
-        for m in members[g]:
+        ms = [m for m in members[g] if m.nested] if invariant else members[g]
+        for m in ms:
             bt = _permuted(B[m.key], spec.axes[m.key], perm, sizes, m.dim, g)
-            s += (_slices(A[m.key], m) @ _slices(bt, m).T).double()
+            xa, xb = _slices(A[m.key], m), _slices(bt, m)
+            if invariant:
+                c = m.idx.shape[1]
+                cross = xa.reshape(n * c, -1) @ xb.reshape(n * c, -1).T
+                s += (cross.double() ** 2).reshape(n, c, n, c).sum((1, 3))
+            else:
+                s += (xa @ xb.T).double()
         return s
 
     def objective() -> float:
@@ -333,16 +379,26 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     start = objective()
     bar = _bar(progress, max_iter, "weight matching (sweeps)")
     sweeps = 0
+    nested = {g for g in todo if any(m.nested for m in members[g])}
+    phase = "invariant" if nested and free_units is None else "plain"
     for it in range(max_iter):
         sweeps = it + 1
         t0 = time.perf_counter()
         improved = 0
         order = [todo[i] for i in torch.randperm(len(todo), generator=gen).tolist()]
         for g in order:
-            s = similarity(g)
+            s = similarity(g, phase == "invariant" and g in nested)
             ar = torch.arange(sizes[g], device=dev)
             old = float(s[ar, perm[g].to(dev)].sum())
-            new_p = assign(s)
+            if free_units is not None and g in free_units:
+                rows = torch.as_tensor(free_units[g], dtype=torch.long)
+                if len(rows) < 2:
+                    continue
+                cols = perm[g][rows]
+                new_p = perm[g].clone()
+                new_p[rows] = cols[assign(s[rows][:, cols])]
+            else:
+                new_p = assign(s)
             new = float(s[ar, new_p.to(dev)].sum())
             d = diag.setdefault(g, {"similarity_before": old, "sweeps": 0})
             if new > old + 1e-9 * max(1.0, abs(old)):
@@ -350,12 +406,15 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                 improved += 1
                 d["sweeps"] = sweeps
             d["similarity_after"] = max(new, old)
-        log.append({"sweep": sweeps, "groups_improved": improved, "seconds": time.perf_counter() - t0,
-                    "objective_before": start, "objective": objective()})
+        log.append({"sweep": sweeps, "phase": phase, "groups_improved": improved,
+                    "seconds": time.perf_counter() - t0, "objective_before": start, "objective": objective()})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(improved=improved)
         if improved == 0:
+            if phase == "invariant":
+                phase = "plain"
+                continue
             break
     if bar is not None:
         bar.close()

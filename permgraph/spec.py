@@ -271,7 +271,8 @@ class PermutationSpec:
     @classmethod
     def from_json(cls, text: str, model=None, example_inputs=None) -> PermutationSpec:
         """Load a spec; when ``model`` is given, re-verify it against that model (raises
-        ``SpecMismatchError`` if the keys/shapes differ or a permutation changes the output)."""
+        ``SpecMismatchError`` if the keys/shapes differ, ``VerificationError`` if a permutation changes
+        the output)."""
         spec = cls.from_dict(json.loads(text))
         if model is not None:
             from ._verify import verify_spec
