@@ -7,7 +7,9 @@ Public API (everything else is private)::
     model2 = permgraph.apply(model, spec, perm)   # same function, units reordered
 """
 
+from . import data as data
 from . import models as models
+from ._eval import evaluate as evaluate
 from ._trace import trace as trace
 from ._verify import EquivalenceResult as EquivalenceResult
 from ._verify import check_equivalence as check_equivalence
@@ -15,6 +17,10 @@ from .align import Alignment as Alignment
 from .align import align as align
 from .align import compose as compose
 from .align import identity_alignment as identity_alignment
+from .barrier import BarrierCurve as BarrierCurve
+from .barrier import barrier as barrier
+from .barrier import interpolate as interpolate
+from .barrier import reset_bn as reset_bn
 from .errors import PermgraphError as PermgraphError
 from .errors import SpecMismatchError as SpecMismatchError
 from .errors import TraceError as TraceError
@@ -28,11 +34,12 @@ from .spec import AxisRef as AxisRef
 from .spec import FrozenPart as FrozenPart
 from .spec import Group as Group
 from .spec import PermutationSpec as PermutationSpec
+from .train import train as train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Alignment", "AxisRef", "EquivalenceResult", "FrozenPart", "Group", "Permutation", "PermgraphError",
-    "PermutationSpec", "SpecMismatchError", "TraceError", "VerificationError", "align", "apply", "check_equivalence",
-    "compose", "identity", "identity_alignment", "inverse", "models", "random_permutation", "trace",
+    "Alignment", "AxisRef", "BarrierCurve", "EquivalenceResult", "FrozenPart", "Group", "Permutation", "PermgraphError",
+    "PermutationSpec", "SpecMismatchError", "TraceError", "VerificationError", "align", "apply", "barrier", "check_equivalence",
+    "compose", "data", "evaluate", "identity", "identity_alignment", "interpolate", "inverse", "models", "random_permutation", "reset_bn", "trace", "train",
 ]
