@@ -187,7 +187,7 @@ def _input(batch):
 
 def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loader: Iterable, *,
                         num_samples: int | None = None, device=None, progress: bool = False, seed: int = 0,
-                        similarity: str = "pearson"):
+                        max_iter: int = 100, similarity: str = "pearson"):
     if similarity not in ("pearson", "inner", "cosine"):
         raise ValueError(f"similarity must be 'pearson', 'inner' or 'cosine', got {similarity!r}")
     dev_a = next((p.device for p in a.parameters()), torch.device("cpu"))
@@ -197,6 +197,8 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
 
         raise SpecMismatchError(f"model A is on {dev_a} and model B on {dev_b}; move both to one device")
     dev = torch.device(device) if device is not None else dev_a
+    if dev != dev_a:  # compute where asked, on copies (the caller's models stay where they are)
+        a, b = copy.deepcopy(a).to(dev), copy.deepcopy(b).to(dev)
     cache: dict[tuple, _Taps] = {}
     moments: dict[str, _Moments] = {}
     seen = 0
@@ -262,7 +264,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
 
         if rest:
             perm2, diag2, log2 = weight_matching(spec, a.state_dict(), b.state_dict(), groups=rest, init=perm,
-                                                 seed=seed, device=device)
+                                                 seed=seed, device=device, max_iter=max_iter)
             perm = dict(perm2)
             for g in rest:
                 if g in diag2:
@@ -270,7 +272,14 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             log += log2
         if degenerate:
             perm2, _, log2 = weight_matching(spec, a.state_dict(), b.state_dict(), groups=list(degenerate),
-                                             init=perm, seed=seed, device=device, free_units=degenerate)
+                                             init=perm, seed=seed, device=device, free_units=degenerate,
+                                             max_iter=max_iter)
             perm = dict(perm2)
             log += log2
+            for g in degenerate:
+                s = moments[g].similarity(similarity)
+                ar = torch.arange(len(perm[g]))
+                diag[g].update({"similarity_after": float(s[ar, perm[g]].mean()),
+                                "moved_fraction": float((perm[g] != ar).float().mean()),
+                                "constant_units": len(degenerate[g])})
     return Permutation(perm), diag, log

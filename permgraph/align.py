@@ -68,9 +68,14 @@ class Alignment:
     def summary(self) -> str:
         lines = [f"Alignment ({self.method}) over {len(self.perm)} groups; "
                  f"{100 * (1 - self.fixed_fraction):.1f}% of units moved"]
-        if self.log:
-            lines.append(f"  sweeps: {len(self.log)}; objective {self.log[0].get('objective_before', float('nan')):.4g}"
-                         f" -> {self.log[-1].get('objective', float('nan')):.4g}")
+        sweeps = [e for e in self.log if "objective" in e]
+        if sweeps:
+            lines.append(f"  weight-matching sweeps: {len(sweeps)}; objective {sweeps[0]['objective_before']:.4g}"
+                         f" -> {sweeps[-1]['objective']:.4g}")
+        for e in self.log:
+            if "inputs" in e:
+                lines.append(f"  activation pass: {e['inputs']} inputs; {e['groups_by_activation']} groups by "
+                             f"activations, {e['groups_by_weight']} by weights")
         for g, d in list(self.groups.items())[:40]:
             extras = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
             lines.append(f"  {g}: {extras}")
@@ -115,7 +120,7 @@ class Alignment:
         if spec is not None and spec.fingerprint() != info["spec_fingerprint"]:
             raise SpecMismatchError(f"{path} was computed for a different spec (fingerprint "
                                     f"{info['spec_fingerprint']} vs {spec.fingerprint()})")
-        return cls(Permutation(tensors), spec or saved, info["method"], info["settings"], info["groups"],
+        return cls(Permutation(tensors), spec if spec is not None else saved, info["method"], info["settings"], info["groups"],
                    info["log"])
 
 
@@ -374,9 +379,16 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         return tot
 
     gen = torch.Generator().manual_seed(seed)
-    diag: dict[str, dict[str, Any]] = {}
     log: list[dict[str, Any]] = []
     start = objective()
+
+    def plain_score(g: str) -> float:
+        s = similarity(g, False)
+        return float(s[torch.arange(sizes[g], device=dev), perm[g].to(dev)].sum())
+
+    # per-group diagnostics use the plain objective, measured before the first and after the last sweep
+    diag: dict[str, dict[str, Any]] = {g: {"similarity_before": plain_score(g), "changes": 0,
+                                           "last_changed_sweep": 0} for g in todo}
     bar = _bar(progress, max_iter, "weight matching (sweeps)")
     sweeps = 0
     nested = {g for g in todo if any(m.nested for m in members[g])}
@@ -400,12 +412,11 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
             else:
                 new_p = assign(s)
             new = float(s[ar, new_p.to(dev)].sum())
-            d = diag.setdefault(g, {"similarity_before": old, "sweeps": 0})
             if new > old + 1e-9 * max(1.0, abs(old)):
                 perm[g] = new_p
                 improved += 1
-                d["sweeps"] = sweeps
-            d["similarity_after"] = max(new, old)
+                diag[g]["changes"] += 1
+                diag[g]["last_changed_sweep"] = sweeps
         log.append({"sweep": sweeps, "phase": phase, "groups_improved": improved,
                     "seconds": time.perf_counter() - t0, "objective_before": start, "objective": objective()})
         if bar is not None:
@@ -419,7 +430,9 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     if bar is not None:
         bar.close()
     for g, d in diag.items():
+        d["similarity_after"] = plain_score(g)
         d["moved_fraction"] = float((perm[g] != torch.arange(sizes[g])).float().mean())
+        d["sweeps"] = sweeps
     return Permutation(perm), diag, log
 
 
@@ -468,7 +481,8 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
         spec = trace(a, example_inputs)
     sa, sb = _state(a), _state(b)
     check_same_spec(spec, sa, sb)
-    settings = {"method": method, "max_iter": max_iter, "seed": seed, **options}
+    settings = {"method": method, "max_iter": max_iter, "seed": seed, "num_samples": num_samples,
+                "device": None if device is None else str(device), **options}
     if method == "weight":
         unknown = set(options) - {"include", "exclude", "include_stats", "prune_fraction", "prune_mode"}
         if unknown:
@@ -486,7 +500,7 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
     if unknown:
         raise TypeError(f"unknown activation-matching options {sorted(unknown)}")
     perm, diag, log = activation_matching(spec, a, b, loader, num_samples=num_samples, device=device,
-                                          progress=progress, seed=seed, **options)
+                                          progress=progress, seed=seed, max_iter=max_iter, **options)
     return Alignment(perm, spec, "activation", settings, diag, log)
 
 

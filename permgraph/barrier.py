@@ -170,14 +170,22 @@ def channel_stats(model: nn.Module, loader: Iterable, layers: Sequence[str], num
 
 
 def repair_(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], loader: Iterable,
-            num_batches: int | None = None, device=None) -> nn.Module:
+            num_batches: int | None = None, device=None, passes: int = 3) -> nn.Module:
     """REPAIR (Jordan et al. 2022) in place: rescale and shift every channel of the named layers so that
     its output mean/std over ``loader`` equal ``targets[name] = (mean, std)``.
 
     The statistics are collected in one pass, correcting each layer's output on the fly with the
     batch statistics (as a train-mode BatchNorm would), so downstream layers see corrected inputs; the
-    cumulative statistics are then folded into each layer's weight and bias.
+    cumulative statistics are then folded into each layer's weight and bias. Further passes (``passes``)
+    measure without correcting and fold again, removing the small difference between per-batch and
+    whole-data statistics.
     """
+    for i in range(passes):
+        _repair_pass(model, targets, loader, num_batches, device, on_the_fly=(i == 0))
+    return model
+
+
+def _repair_pass(model, targets, loader, num_batches, device, on_the_fly: bool) -> None:
     mods = dict(model.named_modules())
     acc: dict[str, list] = {}
     hooks = []
@@ -194,6 +202,8 @@ def repair_(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Te
             a[0] += flat.shape[0]
             a[1] = a[1] + flat.sum(0)
             a[2] = a[2] + (flat * flat).sum(0)
+            if not on_the_fly:
+                return None
             y = (x - mu.to(x.dtype)) / (var.sqrt().to(x.dtype) + 1e-8) * ts.to(x.dtype) + tm.to(x.dtype)
             return y.movedim(-1, 1) if out.ndim > 2 and not is_linear else y
         return fn
@@ -225,7 +235,6 @@ def repair_(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Te
             if m.bias is None:
                 m.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
             m.bias.copy_(((m.bias.double() - mean) * scale + tm.double()).to(w.dtype))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- barrier

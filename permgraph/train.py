@@ -235,7 +235,7 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
             opt.step()
             apply_mask_(model, mask)
             step += 1
-            run_loss += float(loss) * len(y)
+            run_loss += float(loss.detach()) * len(y)
             run_wrong += int((out.argmax(1) != y).sum())
             run_n += len(y)
             if bar is not None:
