@@ -9,6 +9,7 @@ Public API (everything else is private)::
 
 from . import data as data
 from . import models as models
+from . import prune as prune
 from ._eval import evaluate as evaluate
 from ._trace import trace as trace
 from ._verify import EquivalenceResult as EquivalenceResult
@@ -30,6 +31,9 @@ from .permutation import apply as apply
 from .permutation import identity as identity
 from .permutation import inverse as inverse
 from .permutation import random_permutation as random_permutation
+from .prune import Mask as Mask
+from .prune import imp as imp
+from .prune import transfer_mask as transfer_mask
 from .spec import AxisRef as AxisRef
 from .spec import FrozenPart as FrozenPart
 from .spec import Group as Group
@@ -39,7 +43,7 @@ from .train import train as train
 __version__ = "0.1.0"
 
 __all__ = [
-    "Alignment", "AxisRef", "BarrierCurve", "EquivalenceResult", "FrozenPart", "Group", "Permutation", "PermgraphError",
+    "Alignment", "AxisRef", "BarrierCurve", "EquivalenceResult", "FrozenPart", "Group", "Mask", "Permutation", "PermgraphError",
     "PermutationSpec", "SpecMismatchError", "TraceError", "VerificationError", "align", "apply", "barrier", "check_equivalence",
-    "compose", "data", "evaluate", "identity", "identity_alignment", "interpolate", "inverse", "models", "random_permutation", "reset_bn", "trace", "train",
+    "compose", "data", "evaluate", "identity", "identity_alignment", "imp", "interpolate", "inverse", "models", "prune", "random_permutation", "reset_bn", "trace", "train", "transfer_mask",
 ]

@@ -130,8 +130,8 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
 
     Returns:
-        a dict with the final "model", the per-epoch "history" (list of metric dicts) and "checkpoints"
-        (unit index -> path).
+        a dict with the final "model", the per-epoch "history" (list of metric dicts), "checkpoints"
+        (unit index -> path) and, without a checkpoint_dir, "checkpoint_states" (unit index -> weights).
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
@@ -188,10 +188,16 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
     def ckpt_path(n: int) -> str:
         return os.path.join(checkpoint_dir, f"ckpt_{checkpoint_unit}{n}.safetensors")
 
+    in_memory: dict[int, dict[str, torch.Tensor]] = {}
+
     def maybe_checkpoint(unit_index: int) -> None:
-        if checkpoint_dir and unit_index in ckpts and unit_index not in saved:
+        if unit_index not in ckpts or unit_index in saved or unit_index in in_memory:
+            return
+        if checkpoint_dir:
             save_state_dict(model.state_dict(), ckpt_path(unit_index))
             saved[unit_index] = os.path.basename(ckpt_path(unit_index))
+        else:  # nothing is written unless asked: keep the weights in memory
+            in_memory[unit_index] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
     def save_last() -> None:
         if last:
@@ -263,4 +269,5 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
         bar.close()
     model.eval()
     paths = {k: os.path.join(checkpoint_dir, v) for k, v in saved.items()} if checkpoint_dir else {}
-    return {"model": model, "history": history, "checkpoints": paths, "steps": step}
+    return {"model": model, "history": history, "checkpoints": paths, "checkpoint_states": in_memory,
+            "steps": step}
