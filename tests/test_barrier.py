@@ -8,7 +8,7 @@ from torch import nn
 
 import permgraph
 from permgraph import data, models
-from permgraph.barrier import channel_stats, repair_, repair_layers, reset_bn_
+from permgraph.barrier import channel_stats, repair_, repair_layers
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_reset_bn_matches_a_manual_pass_and_restores_momentum(digits):
     assert [m.momentum for m in new_bns] == momenta and not out.training
     # manual: cumulative average of per-batch means / unbiased variances of the first BN's input
     conv = a.conv1
-    means, vars_, ns = [], [], []
+    means, vars_ = [], []
     with torch.no_grad():
         for x, _ in loader:
             h = conv(x)
