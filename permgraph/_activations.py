@@ -207,7 +207,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=num_samples, desc="activation matching (inputs)", leave=False, unit="ex")
+            bar = tqdm(total=num_samples, desc="activation matching (inputs)", leave=False, unit="ex", disable=None)
         except ImportError:
             bar = None
     for batch in loader:

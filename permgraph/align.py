@@ -443,7 +443,7 @@ def _bar(progress: bool, total: int, desc: str):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, disable=None)
 
 
 # ---------------------------------------------------------------------------------------------- public

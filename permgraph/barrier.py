@@ -367,7 +367,7 @@ def barrier(a: nn.Module, b, loader: Iterable, *, alphas: int | Sequence[float] 
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(grid), desc=f"barrier (bn={mode})", leave=False)
+            bar = tqdm(total=len(grid), desc=f"barrier (bn={mode})", leave=False, disable=None)
         except ImportError:
             bar = None
     buf: dict[str, torch.Tensor] = {}

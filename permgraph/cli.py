@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--input-shape", type=int, nargs="+", help="example input shape, e.g. 2 3 32 32")
     tr.add_argument("--freeze", nargs="*", default=(), help="glob patterns of state-dict keys to keep fixed")
     tr.add_argument("--json", help="write the spec as JSON to this file")
+    run = sub.add_parser("run", help="run an experiment spec (YAML) and write its results and report")
+    run.add_argument("spec", help="path to a spec, e.g. specs/quickstart.yaml")
+    run.add_argument("--out", default="runs", help="store root (default: ./runs)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda")
+    rep = sub.add_parser("report", help="re-create the report of a finished run folder")
+    rep.add_argument("run_dir")
+    ls = sub.add_parser("list", help="list the specs in a folder (recursively) with their kind and run name")
+    ls.add_argument("specs_dir", nargs="?", default="specs")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "demo":
@@ -65,6 +73,41 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     if args.cmd == "trace":
         return 0 if _trace_one(args.model, args.input_shape, args.freeze, args.json) else 1
+    return _experiments(args)
+
+
+def _experiments(args) -> int:
+    import experiments
+    from experiments.spec import SpecError
+
+    try:
+        if args.cmd == "run":
+            if args.device.startswith("cuda") and not torch.cuda.is_available():
+                print("error: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
+                return 2
+            run_dir = experiments.run(args.spec, args.out, args.device)
+            print(f"results: {run_dir / 'results.json'}\nreport:  {run_dir / 'report.md'}")
+            return 0
+        if args.cmd == "report":
+            print(experiments.report(args.run_dir))
+            return 0
+        if args.cmd == "list":
+            from pathlib import Path
+
+            paths = sorted(Path(args.specs_dir).rglob("*.yaml"))
+            if not paths:
+                print(f"no *.yaml specs under {args.specs_dir}", file=sys.stderr)
+                return 1
+            for p in paths:
+                try:
+                    spec = experiments.load(p)
+                    print(f"{str(p):45s} {spec.kind:11s} {spec.run_name()}")
+                except SpecError as e:
+                    print(f"{str(p):45s} INVALID: {str(e).splitlines()[-1].strip()}")
+            return 0
+    except (SpecError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 2
 
 

@@ -212,7 +212,7 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=step, desc="training", unit="step", leave=False)
+            bar = tqdm(total=total, initial=step, desc="training", unit="step", leave=False, disable=None)
         except ImportError:
             bar = None
     model.train()

@@ -1,0 +1,206 @@
+"""Declarative experiment specs: one strict pydantic model per concern, a discriminated ``kind``.
+
+A typo or a wrong type is an error that names the file, the field and the allowed values.
+Defaults are documented in each ``Field``; the run hash omits fields left at their defaults, so adding a
+field with a no-op default keeps existing runs valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="zoo name: mlp, vgg11/13/16/19, resnet20/32/56, timm:<name>, torchvision:<name>")
+    kwargs: dict[str, Any] = Field(default_factory=dict,
+                                   description="constructor arguments, e.g. {width_multiplier: 4, norm: ln}")
+
+
+class DataSpec(_Strict):
+    name: str = Field(description="data set: digits, mnist1d, mnist5k, cifar10, cifar100, svhn, mnist, "
+                                  "fashionmnist, imagefolder, fake")
+    root: str | None = Field(default=None, description="folder of disk-based data sets (cifar10, ...)")
+    download: bool = Field(default=False, description="allow torchvision to download into root")
+    normalize: bool = Field(default=True, description="standardise inputs")
+    augment: bool = Field(default=False, description="random flip + 4-pixel crop on the training set")
+    seed: int = Field(default=0, description="split / generation seed")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments (fake: input_shape, ...)")
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(default=10, ge=1, description="training epochs")
+    batch_size: int = Field(default=128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(default=0.1, gt=0)
+    momentum: float = Field(default=0.9, ge=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    warmup: int = Field(default=0, ge=0, description="warm-up epochs (linear)")
+    milestones: list[int] = Field(default_factory=list, description="epochs at which the lr is multiplied by gamma")
+    gamma: float = Field(default=0.1, gt=0)
+    checkpoints: list[int] = Field(default_factory=list, description="epochs at which weights are kept (0 = init)")
+
+
+class MatchSpec(_Strict):
+    methods: list[Literal["weight", "activation"]] = Field(default_factory=lambda: ["weight", "activation"],
+                                                           description="alignment methods to compare")
+    similarity: Literal["pearson", "inner", "cosine"] = Field(default="pearson",
+                                                              description="activation-matching similarity")
+    num_samples: int = Field(default=4000, ge=1, description="training inputs used by activation matching")
+    max_iter: int = Field(default=100, ge=1, description="weight-matching sweeps at most")
+    exclude: list[str] = Field(default_factory=list, description="state-dict keys left out of weight matching")
+
+
+class BarrierSpec(_Strict):
+    alphas: int = Field(default=11, ge=2, description="points of the grid linspace(0, 1, n)")
+    bn: Literal["auto", "reset", "repair", "none"] = "auto"
+    splits: list[Literal["train", "test"]] = Field(default_factory=lambda: ["train", "test"])
+    subset: int = Field(default=10000, ge=1, description="first n examples of each split (no augmentation)")
+    batch_size: int = Field(default=1000, ge=1)
+
+
+class IMPSpec(_Strict):
+    levels: int = Field(default=4, ge=1)
+    fraction: float = Field(default=0.2, gt=0, lt=1, description="fraction of remaining weights pruned per level")
+    rewind: int = Field(default=1, ge=0, description="rewind epoch")
+    exclude_classifier: bool = False
+    arms: list[Literal["own", "dense_perm", "level_perm", "unpermuted", "random", "oneshot"]] = Field(
+        default_factory=lambda: ["own", "dense_perm", "level_perm", "unpermuted", "random", "oneshot"])
+    arm_levels: list[int] = Field(default_factory=list, description="levels with mask-transfer arms (default all)")
+
+
+class _Experiment(_Strict):
+    name: str = Field(description="a short name; part of the run folder's name")
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    matching: MatchSpec = Field(default_factory=MatchSpec)
+    barrier: BarrierSpec = Field(default_factory=BarrierSpec)
+
+    def run_hash(self) -> str:
+        """Content hash of the spec with defaults omitted (canonical JSON)."""
+        payload = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+    def run_name(self) -> str:
+        return f"{self.kind}-{self.name}-{self.run_hash()}"
+
+
+class PairExperiment(_Experiment):
+    """Weak linear connectivity modulo permutation over several seed pairs."""
+
+    kind: Literal["pair"]
+    seeds: list[tuple[int, int]] = Field(description="seed pairs (A, B)", min_length=1)
+
+
+class TrajectoryExperiment(_Experiment):
+    """Simultaneous weak LC along training: P_t found at checkpoint t applied at every checkpoint s."""
+
+    kind: Literal["trajectory"]
+    seeds: list[tuple[int, int]] = Field(min_length=1)
+    match_at: list[int] = Field(description="epochs t at which permutations P_t are found (must be checkpoints)")
+
+
+class IMPExperiment(_Experiment):
+    """Simultaneous weak LC along IMP, and IMP mask transfer across seeds."""
+
+    kind: Literal["imp"]
+    seeds: list[tuple[int, int]] = Field(min_length=1)
+    imp: IMPSpec = Field(default_factory=IMPSpec)
+
+
+class TripletExperiment(_Experiment):
+    """Toward strong LC: pair vs triplet barriers across widths, and permutations composed through chains."""
+
+    kind: Literal["triplet"]
+    widths: list[float] = Field(min_length=1, description="values of the width argument")
+    width_arg: str = Field(default="width_multiplier", description="model kwarg that sets the width")
+    seeds: list[tuple[int, int, int]] = Field(min_length=1, description="seed triples (A, B, C)")
+    chain: int = Field(default=3, ge=0, description="extra networks in the longest chain A<-...<-B (0 = none)")
+
+
+class WMLimitsExperiment(_Experiment):
+    """Limits of weight matching: pruned-before-matching variants and early checkpoints."""
+
+    kind: Literal["wm_limits"]
+    seeds: list[tuple[int, int]] = Field(min_length=1)
+    prune_fractions: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9])
+    early: list[int] = Field(default_factory=list, description="early checkpoints (epochs) compared by method")
+
+
+class LandscapeExperiment(_Experiment):
+    """Loss over the plane through A, B and P(B)."""
+
+    kind: Literal["landscape"]
+    seeds: tuple[int, int] = (0, 1)
+    resolution: int = Field(default=11, ge=3, description="grid points per axis")
+    margin: float = Field(default=0.2, ge=0, description="extra extent of the plane beyond the triangle")
+    method: Literal["weight", "activation"] = "weight"
+
+
+Experiment = Annotated[Union[PairExperiment, TrajectoryExperiment, IMPExperiment, TripletExperiment,
+                             WMLimitsExperiment, LandscapeExperiment], Field(discriminator="kind")]
+KINDS = ("pair", "trajectory", "imp", "triplet", "wm_limits", "landscape")
+_ADAPTER = TypeAdapter(Experiment)
+
+
+class SpecError(ValueError):
+    """A spec file that does not validate; the message names the file, the field and what is allowed."""
+
+
+def parse(data: dict, source: str = "<spec>"):
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a spec is a mapping with a 'kind' field (one of {', '.join(KINDS)})")
+    if "kind" not in data:
+        raise SpecError(f"{source}: missing field 'kind' (one of {', '.join(KINDS)})")
+    if data["kind"] not in KINDS:
+        raise SpecError(f"{source}: kind {data['kind']!r} is not one of {', '.join(KINDS)}")
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"][1:]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                model = _model_for(data["kind"], err["loc"][1:-1])
+                allowed = ", ".join(model.model_fields) if model else "?"
+                msg = f"unknown field (allowed here: {allowed})"
+            lines.append(f"  {loc}: {msg} (got {err.get('input')!r})")
+        raise SpecError(f"{source}: invalid {data['kind']} spec:\n" + "\n".join(lines)) from None
+
+
+def _model_for(kind: str, loc: tuple) -> type[BaseModel] | None:
+    model: Any = {"pair": PairExperiment, "trajectory": TrajectoryExperiment, "imp": IMPExperiment,
+                  "triplet": TripletExperiment, "wm_limits": WMLimitsExperiment,
+                  "landscape": LandscapeExperiment}[kind]
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        if field is None:
+            return model if isinstance(model, type) else None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+    return model
+
+
+def load(path: str | Path):
+    """Read and validate a YAML spec file."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML ({e})") from None
+    return parse(data, str(path))
+
