@@ -6,38 +6,58 @@ for loss and error on the train and test subsets. Controls: A against a permuted
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from .common import Context, fmt, md_table, mean_std, plt, save_figure
 
-ARMS = ("none", "weight", "activation")
+
+def pair_unit(ctx: Context, sa: int, sb: int) -> dict[str, Any]:
+    """One unit of work: align the networks of seeds ``sa`` and ``sb`` and measure their barriers."""
+
+    def compute():
+        a = ctx.model_from(ctx.network(sa)["final"])
+        b = ctx.model_from(ctx.network(sb)["final"])
+        perm_spec = ctx.trace(a)
+        res: dict[str, Any] = {"seeds": [sa, sb], "barriers": {}, "moved": {}}
+        for arm in ["none"] + list(ctx.spec.matching.methods):
+            if arm == "none":
+                bb = b
+            else:
+                al = ctx.align(a, b, arm, perm_spec)
+                bb = al.apply(b)
+                res["moved"][arm] = 1.0 - al.fixed_fraction
+            res["barriers"][arm] = ctx.barriers(a, bb)
+        return res
+
+    return ctx.unit(f"pair_{sa}_{sb}", compute)
+
+
+def control_unit(ctx: Context) -> dict[str, Any]:
+    state = ctx.network(ctx.spec.seeds[0][0])["final"]
+    return ctx.unit("control_self_permuted", lambda: ctx.control(state, ctx.trace(ctx.model_from(state))))
+
+
+def train_unit(ctx: Context, seed: int) -> None:
+    ctx.network(seed)
+
+
+def plan(ctx: Context) -> list[tuple[str, Any, list[str]]]:
+    """Independent units of work with their dependencies, for executors that run them in parallel:
+    (name, function of the Context, names of the units it needs)."""
+    seeds = sorted({s for pair in ctx.spec.seeds for s in pair})
+    tasks = [(f"train_{s}", partial(train_unit, seed=s), []) for s in seeds]
+    tasks += [(f"pair_{sa}_{sb}", partial(pair_unit, sa=sa, sb=sb), [f"train_{sa}", f"train_{sb}"])
+              for sa, sb in ctx.spec.seeds]
+    tasks.append(("control", control_unit, [f"train_{ctx.spec.seeds[0][0]}"]))
+    return tasks
 
 
 def run(ctx: Context) -> dict[str, Any]:
     spec = ctx.spec
     arms = ["none"] + list(spec.matching.methods)
-    pairs = []
-    perm_spec = None
-    for sa, sb in spec.seeds:
-        na, nb = ctx.network(sa), ctx.network(sb)
-        a, b = ctx.model_from(na["final"]), ctx.model_from(nb["final"])
-        perm_spec = perm_spec or ctx.trace(a)
-
-        def unit(sa=sa, sb=sb, a=a, b=b):
-            res: dict[str, Any] = {"seeds": [sa, sb], "barriers": {}, "moved": {}}
-            for arm in arms:
-                if arm == "none":
-                    bb = b
-                else:
-                    al = ctx.align(a, b, arm, perm_spec)
-                    bb = al.apply(b)
-                    res["moved"][arm] = 1.0 - al.fixed_fraction
-                res["barriers"][arm] = ctx.barriers(a, bb)
-            return res
-
-        pairs.append(ctx.unit(f"pair_{sa}_{sb}", unit))
-    control = ctx.unit("control_self_permuted", lambda: ctx.control(ctx.network(spec.seeds[0][0])["final"],
-                                                                     perm_spec))
+    pairs = [pair_unit(ctx, sa, sb) for sa, sb in spec.seeds]
+    control = control_unit(ctx)
     summary: dict[str, Any] = {}
     for arm in arms:
         summary[arm] = {}

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("spec", help="path to a spec, e.g. specs/quickstart.yaml")
     run.add_argument("--out", default="runs", help="store root (default: ./runs)")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--executor", default="local", choices=["local", "ray"],
+                     help="local (default): in this process; ray: independent units in parallel on a Ray cluster")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster address (e.g. 10.0.0.1:6379 or auto); default: start a local Ray instance")
     rep = sub.add_parser("report", help="re-create the report of a finished run folder")
     rep.add_argument("run_dir")
     ls = sub.add_parser("list", help="list the specs in a folder (recursively) with their kind and run name")
@@ -85,7 +89,9 @@ def _experiments(args) -> int:
             if args.device.startswith("cuda") and not torch.cuda.is_available():
                 print("error: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
                 return 2
-            run_dir = experiments.run(args.spec, args.out, args.device)
+            from experiments.executors import execute
+
+            run_dir = execute(experiments.load(args.spec), args.out, args.device, args.executor, args.address)
             print(f"results: {run_dir / 'results.json'}\nreport:  {run_dir / 'report.md'}")
             return 0
         if args.cmd == "report":
