@@ -50,7 +50,7 @@ class Context:
 
     def trace(self, model) -> permgraph.PermutationSpec:
         if self._spec is None:
-            x = next(iter(self.loader("train", 2, 2)))[0]
+            x = next(iter(self.loader("train", 2, 2)))[0].to(self.device)
             self._spec = permgraph.trace(model, (x,))
         return self._spec
 

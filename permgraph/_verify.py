@@ -54,10 +54,10 @@ def randomize_(model: nn.Module, generator: torch.Generator) -> nn.Module:
             elif name.endswith("running_mean"):
                 t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * 0.5)
             elif t.ndim == 1:
-                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * 0.5)
+                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) * 0.5)
             elif float(t.std()) < 1e-6 * max(1.0, float(t.abs().mean())) or float(t.abs().max()) < 1e-4:
                 fan_in = max(1, t.numel() // t.shape[0])
-                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype) / math.sqrt(fan_in))
+                t.add_(torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) / math.sqrt(fan_in))
     return model
 
 

@@ -366,7 +366,7 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
     def as_model(state):
         m = copy.deepcopy(model_b)
         m.load_state_dict(state)
-        return m
+        return m.to(device) if device is not None else m
 
     dense_a, dense_b = as_model(imp_a.levels[0].state), as_model(imp_b.levels[0].state)
     if spec is None:
@@ -421,10 +421,12 @@ def imp_barriers(model: nn.Module, imp_a: IMPResult, imp_b: IMPResult, loader, *
     from .align import align
     from .barrier import barrier
 
+    dev = next(model.parameters()).device
+
     def as_model(state):
         m = copy.deepcopy(model)
         m.load_state_dict(state)
-        return m
+        return m.to(dev)
 
     kw = dict(loader=match_loader) if method == "activation" else {}
     dense_a, dense_b = as_model(imp_a.levels[0].state), as_model(imp_b.levels[0].state)
