@@ -5,6 +5,12 @@ runs, after one warm-up trace of a small model) of each phase read from
 ``spec.info["timings"]`` and of the wall time of the whole ``permgraph.trace`` call, and whether
 the model meets the target "every model up to 100M parameters traces and verifies in under 3 s".
 
+The ``cpu s`` column is the process CPU time of one trace (all threads), and the run records the
+1-minute load average: on a shared machine the wall times depend on what else runs. With the default
+OpenMP wait policy, two intra-op threads on a 2-core machine that other processes also use can make
+the verification's forward passes up to 100x slower; ``OMP_WAIT_POLICY=PASSIVE`` avoids that (see
+docs/performance.md).
+
 For context the same run times Torch-Pruning's dependency-graph build
 (``tp.DependencyGraph().build_dependency(model, example_inputs=x)``) on the same models and
 inputs. Torch-Pruning is a benchmark-only dependency (``pip install --no-deps torch-pruning``);
@@ -12,7 +18,7 @@ the column is skipped with a message when it is not installed.
 
 Usage::
 
-    python benchmarks/trace.py [--models a,b] [--repeats 3] [--markdown out.md] [--threads 2]
+    python benchmarks/trace.py [--models a,b] [--repeats 3] [--markdown out.md] [--threads 2] [--no-tp]
 
 Model names are the keys of ``MODELS`` below (e.g. ``resnet20``, ``torchvision:resnet18``,
 ``timm:efficientnet_b0``); a suffix that names one model only (``resnet18``, ``mixer_s16_224``)
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import math
 import os
 import platform
@@ -242,15 +247,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    with_tp = not args.no_tp and importlib.util.find_spec("torch_pruning") is not None
+    with_tp = not args.no_tp
+    if with_tp:
+        try:
+            import torch_pruning  # noqa: F401
+        except ImportError:
+            with_tp = False
     if not args.no_tp and not with_tp:
         print("Torch-Pruning is not installed; skipping its column "
               "(pip install --no-deps torch-pruning to include it).", file=sys.stderr)
     tp_version = ""
     if with_tp:
-        import torch_pruning as tp
+        from importlib.metadata import version
 
-        tp_version = getattr(tp, "__version__", "?")
+        tp_version = version("torch-pruning")
 
     print(f"permgraph {permgraph.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"python {platform.python_version()}, {platform.machine()}"
@@ -288,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                        for r in misses) or "none"))
     loads = [x for r in rows for x in r.load]
     note = (f"Median of {args.repeats} runs; torch.set_num_threads({args.threads}); {os.cpu_count()} CPUs; "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset'}; "
             f"1-minute load average during the run {min(loads):.1f}-{max(loads):.1f}.")
     print(note)
     if args.markdown:
