@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -106,9 +106,28 @@ class PairExperiment(_Experiment):
 class TrajectoryExperiment(_Experiment):
     """Simultaneous weak LC along training: P_t found at checkpoint t applied at every checkpoint s."""
 
+    from pydantic import field_validator
+
     kind: Literal["trajectory"]
     seeds: list[tuple[int, int]] = Field(min_length=1)
-    match_at: list[int] = Field(description="epochs t at which permutations P_t are found (must be checkpoints)")
+    match_at: list[int] = Field(min_length=1, description="epochs t at which permutations P_t are found (each a "
+                                "checkpoint in train.checkpoints, or the final epoch; the final epoch is always "
+                                "added, since P_final is the reference)")
+    diagonal: bool = Field(default=True, description="also find P_s at every checkpoint s outside match_at, for "
+                           "the curve of P_s applied at s itself and the agreement of P_s with P_final")
+
+    @field_validator("match_at")
+    @classmethod
+    def _match_at_in_checkpoints(cls, v: list[int], info):
+        train = info.data.get("train")
+        if train is None:
+            return v
+        allowed = set(train.checkpoints) | {train.epochs}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"match_at epochs {bad} are not checkpoints: each must be in train.checkpoints "
+                             f"{sorted(train.checkpoints)} or be the final epoch {train.epochs}")
+        return sorted(set(v))
 
 
 class IMPExperiment(_Experiment):
@@ -132,10 +151,37 @@ class TripletExperiment(_Experiment):
 class WMLimitsExperiment(_Experiment):
     """Limits of weight matching: pruned-before-matching variants and early checkpoints."""
 
+    from pydantic import field_validator
+
     kind: Literal["wm_limits"]
     seeds: list[tuple[int, int]] = Field(min_length=1)
-    prune_fractions: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9])
-    early: list[int] = Field(default_factory=list, description="early checkpoints (epochs) compared by method")
+    prune_fractions: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 0.9],
+                                         description="fractions x in [0, 1) of each weight tensor's smallest "
+                                         "('small') or largest ('large') magnitudes zeroed before weight matching "
+                                         "(0 = plain weight matching; always included)")
+    early: list[int] = Field(default_factory=list, description="early checkpoints (epochs, each in "
+                             "train.checkpoints) at which the matching methods are compared; the final epoch "
+                             "is always added as the reference")
+
+    @field_validator("prune_fractions")
+    @classmethod
+    def _fractions_in_range(cls, v: list[float]):
+        bad = [x for x in v if not 0.0 <= x < 1.0]
+        if bad:
+            raise ValueError(f"prune_fractions must lie in [0, 1), got {bad}")
+        return sorted(set(v) | {0.0})
+
+    @field_validator("early")
+    @classmethod
+    def _early_in_checkpoints(cls, v: list[int], info):
+        train = info.data.get("train")
+        if train is None:
+            return v
+        bad = sorted(set(v) - set(train.checkpoints) - {train.epochs})
+        if bad:
+            raise ValueError(f"early epochs {bad} are not checkpoints: each must be in train.checkpoints "
+                             f"{sorted(train.checkpoints)} (or be the final epoch {train.epochs})")
+        return sorted(set(v))
 
 
 class LandscapeExperiment(_Experiment):
@@ -143,13 +189,15 @@ class LandscapeExperiment(_Experiment):
 
     kind: Literal["landscape"]
     seeds: tuple[int, int] = (0, 1)
-    resolution: int = Field(default=11, ge=3, description="grid points per axis")
-    margin: float = Field(default=0.2, ge=0, description="extra extent of the plane beyond the triangle")
-    method: Literal["weight", "activation"] = "weight"
+    resolution: int = Field(default=11, ge=3, le=101, description="grid points per axis")
+    margin: float = Field(default=0.2, ge=0, description="extra extent of the plane beyond the triangle A, B, "
+                          "P(B), as a fraction of the triangle's extent along each axis")
+    method: Literal["weight", "activation"] = Field(default="weight", description="how B is aligned to A")
+    split: Literal["train", "test"] = Field(default="test", description="data the plane is evaluated on "
+                                            "(first barrier.subset examples)")
 
 
-Experiment = Annotated[Union[PairExperiment, TrajectoryExperiment, IMPExperiment, TripletExperiment,
-                             WMLimitsExperiment, LandscapeExperiment], Field(discriminator="kind")]
+Experiment = Annotated[PairExperiment | TrajectoryExperiment | IMPExperiment | TripletExperiment | WMLimitsExperiment | LandscapeExperiment, Field(discriminator="kind")]
 KINDS = ("pair", "trajectory", "imp", "triplet", "wm_limits", "landscape")
 _ADAPTER = TypeAdapter(Experiment)
 

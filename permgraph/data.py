@@ -63,6 +63,8 @@ class Data:
         """The first ``n`` examples of ``split`` with augmentation switched off."""
         ds = (self.train_eval if split == "train" else None) or getattr(self, split)
         n = min(int(n), len(ds))
+        if isinstance(ds, TensorDataset):  # slice the tensors: batches are then fetched in one go
+            return TensorDataset(*(t[:n] for t in ds.tensors))
         return Subset(ds, range(n))
 
 

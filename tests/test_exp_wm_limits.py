@@ -1,0 +1,85 @@
+"""The ``wm_limits`` runner end to end on a tiny MLP: weight matching on pruned copies (small / large
+magnitudes), weight vs activation matching at early checkpoints, controls, and a reusing second run."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+import experiments
+from experiments.spec import SpecError
+from experiments.store import read_json
+
+SPEC = {
+    "kind": "wm_limits", "name": "tiny-wm-limits",
+    "model": {"name": "mlp", "kwargs": {"in_features": 64, "width": 16, "depth": 2}},
+    "data": {"name": "digits"},
+    "train": {"epochs": 3, "batch_size": 64, "lr": 0.05, "weight_decay": 0.0, "schedule": "constant",
+              "checkpoints": [0, 1, 3]},
+    "seeds": [[0, 1]],
+    "prune_fractions": [0.5, 0.9],
+    "early": [0, 1],
+    "matching": {"num_samples": 200},
+    "barrier": {"alphas": 3, "subset": 200, "batch_size": 200, "splits": ["train"]},
+}
+
+
+def _stamps(out: Path) -> dict[str, int]:
+    files = list(out.rglob("units/*.json")) + list(out.rglob("networks/*/*.safetensors"))
+    return {str(p): p.stat().st_mtime_ns for p in files}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("store")
+    t0 = time.perf_counter()
+    run_dir = experiments.run(experiments.parse(SPEC), out=out, progress=False)
+    first = time.perf_counter() - t0
+    before, text = _stamps(out), (run_dir / "results.json").read_bytes()
+    t0 = time.perf_counter()
+    again = experiments.run(experiments.parse(SPEC), out=out, progress=False)
+    second = time.perf_counter() - t0
+    return {"run_dir": run_dir, "again": again, "first": first, "second": second, "before": before,
+            "after": _stamps(out), "text": text, "text_again": (again / "results.json").read_bytes()}
+
+
+def test_outputs_have_the_promised_shape(runs):
+    run_dir = runs["run_dir"]
+    res = read_json(run_dir / "results.json")
+    assert res["prune_fractions"] == [0.0, 0.5, 0.9]  # plain weight matching (x = 0) is always included
+    assert res["early_epochs"] == [0, 1, 3]  # the final epoch is the reference
+    (pair,) = res["pairs"]
+    for mode in ("small", "large"):
+        rows = pair["prune"][mode]
+        assert len(rows) == 3
+        assert rows[0]["agreement_with_plain"] == 1.0
+        assert rows[0]["barrier"] == pair["prune"]["small"][0]["barrier"]  # x = 0 is shared by both modes
+        assert all(0.0 <= r["barrier"]["error"] <= 1.0 and 0.0 <= r["agreement_with_plain"] <= 1.0 for r in rows)
+        assert len(res["summary"]["prune"][mode]["error"]) == 3
+    assert [e["epoch"] for e in pair["early"]] == [0, 1, 3]
+    for e in pair["early"]:
+        assert set(e["barrier"]) == {"none", "weight", "activation"}
+        assert all(0.0 <= b["error"] <= 1.0 for b in e["barrier"].values())
+        assert 0.0 <= e["weight_activation_agreement"] <= 1.0
+    # plain weight matching at the final epoch, two ways: the same permutation, the same barrier
+    assert pair["early"][-1]["barrier"]["weight"] == pair["prune"]["small"][0]["barrier"]
+    assert pair["early"][-1]["barrier"]["none"] == pair["none"]
+    c = res["controls"]["self_permuted"]
+    assert c["mismatched_units"] == 0 and c["barrier_aligned"]["error"] == 0.0
+    for name in ("report.md", "wm_limits_pruning.png", "wm_limits_early.png"):
+        assert (run_dir / name).stat().st_size > 0
+    assert "Sanity controls" in (run_dir / "report.md").read_text()
+
+
+def test_second_run_reuses_networks_and_units(runs):
+    assert runs["again"] == runs["run_dir"]
+    assert runs["before"] == runs["after"] and len(runs["before"]) >= 8
+    assert runs["text"] == runs["text_again"]
+    assert runs["second"] < runs["first"]
+
+
+def test_bad_fractions_and_early_epochs_are_spec_errors():
+    with pytest.raises(SpecError, match=r"prune_fractions must lie in \[0, 1\)"):
+        experiments.parse({**SPEC, "prune_fractions": [0.5, 1.0]})
+    with pytest.raises(SpecError, match=r"early epochs \[2\] are not checkpoints"):
+        experiments.parse({**SPEC, "early": [2]})
