@@ -24,7 +24,7 @@ class Context:
         self.run_dir = store.run_dir(spec)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._data = None
-        self._spec = None
+        self._specs: dict[tuple, permgraph.PermutationSpec] = {}
 
     # ------------------------------------------------------------------ data and models
     @property
@@ -49,10 +49,12 @@ class Context:
         return self.data.loader("train", 500, shuffle=False, subset=m.num_samples)
 
     def trace(self, model) -> permgraph.PermutationSpec:
-        if self._spec is None:
+        """The model's spec, traced once per architecture (keyed by its tensor shapes)."""
+        key = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+        if key not in self._specs:
             x = next(iter(self.loader("train", 2, 2)))[0].to(self.device)
-            self._spec = permgraph.trace(model, (x,))
-        return self._spec
+            self._specs[key] = permgraph.trace(model, (x,))
+        return self._specs[key]
 
     # ------------------------------------------------------------------ networks
     def network(self, seed: int, checkpoints: list[int] | None = None, **override) -> dict[str, Any]:
@@ -115,10 +117,10 @@ class Context:
                           "midpoint": d.get("midpoint", {}), "bn": d["bn"]}
         return out
 
-    def control(self, state: dict, spec) -> dict[str, Any]:
+    def control(self, state: dict, spec, **override) -> dict[str, Any]:
         """Sanity control: a network against a randomly permuted copy of itself. After weight matching
         the recovered permutation must be exact and the barrier exactly 0."""
-        a = self.model_from(state)
+        a = self.model_from(state, **override)
         perm = permgraph.random_permutation(spec, 12345)
         b = permgraph.apply(a, spec, perm)
         al = permgraph.align(a, b, spec=spec, progress=False)

@@ -338,7 +338,8 @@ ARMS = ("own", "dense_perm", "level_perm", "unpermuted", "random", "oneshot")
 def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, *, spec=None,
                   levels: Iterable[int] | None = None, arms: Iterable[str] = ARMS, method: str = "weight",
                   loader=None, epochs: int | None = None, steps: int | None = None, data_seed: int = 0,
-                  seed: int = 0, progress: bool = True, device=None, **train_kw) -> list[dict[str, Any]]:
+                  seed: int = 0, progress: bool = True, device=None, align_kw: dict | None = None,
+                  **train_kw) -> list[dict[str, Any]]:
     """Retrain B from its own rewind point with masks from A, for each IMP level, in several arms:
 
     * ``own``: B's own IMP ticket (taken from ``imp_b``, not retrained);
@@ -348,7 +349,8 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
     * ``random``: a random mask with B's per-layer densities of that level;
     * ``oneshot``: one-shot magnitude pruning of B's dense trained weights to the same density.
 
-    ``model_b`` supplies the architecture (its weights are not used). Returns rows
+    ``model_b`` supplies the architecture (its weights are not used); ``align_kw`` is passed on to
+    ``align`` (e.g. ``{"similarity": "inner"}``). Returns rows
     {level, density, arm, test_loss, test_error, test_accuracy}.
     """
     import copy
@@ -374,6 +376,7 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
 
         spec = trace(dense_a)
     kw = dict(loader=loader) if method == "activation" else {}
+    kw.update(align_kw or {})
     p_dense = align(dense_a, dense_b, method, spec=spec, progress=False, seed=seed, **kw)
     test_loader = data.loader("test", 512, shuffle=False)
     rows = []
@@ -411,11 +414,13 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
 
 def imp_barriers(model: nn.Module, imp_a: IMPResult, imp_b: IMPResult, loader, *, spec=None,
                  alphas: int = 11, method: str = "weight", match_loader=None, bn: str = "auto",
-                 seed: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+                 reset_loader=None, seed: int = 0, progress: bool = False,
+                 align_kw: dict | None = None) -> list[dict[str, Any]]:
     """Simultaneous alignment along IMP: at every level, the error/loss barrier between A_L and B_L
     unaligned, aligned by the dense permutation, and aligned by the permutation found at that level; and
-    the same at the rewind point with A's and B's level masks. Returns rows {level, density, point, alignment,
-    barrier_error, barrier_loss}."""
+    the same at the rewind point with A's and B's level masks. BatchNorm statistics are recomputed on
+    ``reset_loader`` (default: ``loader``); ``align_kw`` goes to ``align``. Returns rows {level, density,
+    point, alignment, barrier_error, barrier_loss}."""
     import copy
 
     from .align import align
@@ -429,6 +434,7 @@ def imp_barriers(model: nn.Module, imp_a: IMPResult, imp_b: IMPResult, loader, *
         return m.to(dev)
 
     kw = dict(loader=match_loader) if method == "activation" else {}
+    kw.update(align_kw or {})
     dense_a, dense_b = as_model(imp_a.levels[0].state), as_model(imp_b.levels[0].state)
     if spec is None:
         from ._trace import trace
@@ -441,7 +447,7 @@ def imp_barriers(model: nn.Module, imp_a: IMPResult, imp_b: IMPResult, loader, *
         p_level = align(a, b, method, spec=spec, progress=False, seed=seed, **kw) if la.level else p_dense
         for name, al in (("none", None), ("dense", p_dense), ("level", p_level)):
             bb = b if al is None else al.apply(b)
-            c = barrier(a, bb, loader, alphas=alphas, bn=bn, progress=progress)
+            c = barrier(a, bb, loader, alphas=alphas, bn=bn, reset_loader=reset_loader, progress=progress)
             rows.append({"level": la.level, "density": la.density, "point": "trained", "alignment": name,
                          "barrier_error": c.barrier("error"), "barrier_loss": c.barrier("loss")})
         # at the rewind point, with each network's own mask of this level
@@ -449,7 +455,7 @@ def imp_barriers(model: nn.Module, imp_a: IMPResult, imp_b: IMPResult, loader, *
         rb = as_model(lb.mask.apply(imp_b.rewind_state))
         for name, al in (("none", None), ("dense", p_dense)):
             bb = rb if al is None else al.apply(rb)
-            c = barrier(ra, bb, loader, alphas=alphas, bn=bn, progress=progress)
+            c = barrier(ra, bb, loader, alphas=alphas, bn=bn, reset_loader=reset_loader, progress=progress)
             rows.append({"level": la.level, "density": la.density, "point": "rewind", "alignment": name,
                          "barrier_error": c.barrier("error"), "barrier_loss": c.barrier("loss")})
     return rows
