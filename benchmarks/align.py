@@ -23,15 +23,19 @@ Parts (``--parts``, default all):
   ``PermutationCoordinateDescent(a, b, input_data_b=x).calculate_permutations()``. Target: permgraph's
   matching phase at least 4x faster. Both results are also compared by the L2 distance from A to the
   permuted B over all parameters.
-* ``activation``: activation matching over 10,000 random inputs in batches of 250: torchvision
-  resnet18 (10 classes) at 3 x 32 x 32, against the two models' plain forward passes over the same
-  batches (eval, no_grad), target within 1.5x; and the zoo MLP (in_features=40, width=512, depth=3),
-  against the forward passes plus the cross-moment products (``xa.T @ xb`` for every tap of every
-  batch, timed separately).
-* ``memory``: peak resident memory added by activation matching over 2,000 and over 10,000 inputs
-  (batches generated on the fly), each in a fresh subprocess: resident set size sampled every
-  millisecond from /proc/self/statm during ``align`` minus the size just before it, and the growth of
-  ``ru_maxrss``. The forward passes alone over the same inputs are measured the same way.
+* ``activation``: activation matching over 10,000 random inputs: torchvision resnet18 (10 classes) at
+  3 x 32 x 32 in batches of 250, against the two models' plain forward passes over the same batches
+  (eval, no_grad), target within 1.5x; and the zoo MLP (in_features=40, width=512, depth=3) in batches
+  of 250 and of 1,000, against the forward passes plus the cross-moment products (``xa.T @ xb`` for
+  every tap of every batch, at the real shapes, timed separately). The one export of the graph that
+  every ``align`` call makes (``_Taps``) is timed separately too.
+* ``memory``: peak memory added by activation matching over 2,000 and over 10,000 inputs (batches
+  generated on the fly), each in a fresh subprocess: the bytes allocated through malloc (glibc
+  ``mallinfo2``: torch's CPU allocator calls malloc directly, so this counts live tensors) and the
+  resident set size (/proc/self/statm), both sampled every millisecond during ``align``, minus their
+  values just before it. The RSS is noisier: it keeps freed pages that malloc has not returned yet.
+  (``ru_maxrss`` is of no use here: the process's peak is set earlier, by tracing.) The forward passes
+  alone over the same inputs are measured the same way; every measurement is taken twice.
 
 Every ratio is measured against its baseline in the same run, interleaved (baseline, subject,
 baseline, subject, ...), and the median of ``--repeats`` runs is reported.
@@ -52,7 +56,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -140,7 +143,7 @@ def sweep_products(spec) -> dict[str, list[tuple[int, int, int, bool]]]:
 
 def sweep_flops(prods, phase: str) -> float:
     tot = 0.0
-    for g, ps in prods.items():
+    for ps in prods.values():
         nested = phase == "invariant" and any(p[3] for p in ps)
         for n, c, rest, is_nested in ps:
             if nested:
@@ -154,7 +157,7 @@ def sweep_flops(prods, phase: str) -> float:
 def product_time_real_shapes(prods, phase: str, reps: int = 3) -> float:
     """Time of one sweep's similarity products at their real shapes (random float32 operands)."""
     shapes = []
-    for g, ps in prods.items():
+    for ps in prods.values():
         nested = phase == "invariant" and any(p[3] for p in ps)
         for n, c, rest, is_nested in ps:
             if nested:
@@ -201,6 +204,7 @@ def bench_weight(name: str, repeats: int) -> dict:
               f"{len(logs[-1])} sweeps, {rates[-1] / 1e9:.0f} GFLOP/s, load {loads[-1]:.1f}", file=sys.stderr,
               flush=True)
     rate = median(rates)
+    assign_sweep = measured_assign(a, b, spec)
     lsa = {n: lsa_time(n) for n in sorted({sizes[g] for g in prods})}
     lsa_sweep = sum(lsa[sizes[g]] for g in prods)
     sweeps = logs[0]
@@ -211,9 +215,11 @@ def bench_weight(name: str, repeats: int) -> dict:
         flops = sweep_flops(prods, ph)
         bound = flops / rate + lsa_sweep
         real = product_time_real_shapes(prods, ph)
+        bound_measured = flops / rate + assign_sweep
         per_phase[ph] = {"sweeps": sum(e["phase"] == ph for e in sweeps), "sweep_s": median(secs),
                          "flops": flops, "mm_s": flops / rate, "mm_real_s": real, "lsa_s": lsa_sweep,
-                         "bound_s": bound, "ratio": median(secs) / bound}
+                         "assign_s": assign_sweep, "bound_s": bound, "ratio": median(secs) / bound,
+                         "ratio_measured_assign": median(secs) / bound_measured}
     return {"model": name, "params": params, "groups": len(spec.groups), "visited": len(prods),
             "trace_s": trace_s, "match_s": median(match), "e2e_s": median(e2e), "match_runs": match,
             "e2e_runs": e2e, "sweeps": len(sweeps), "sweep_s": median(e["seconds"] for lg in logs for e in lg),
@@ -221,13 +227,33 @@ def bench_weight(name: str, repeats: int) -> dict:
             "phases": per_phase, "load": (min(loads), max(loads + [load()]))}
 
 
+def measured_assign(a, b, spec) -> float:
+    """Time spent in permgraph's assign() per sweep, from one extra matching run with assign() wrapped."""
+    pa = sys.modules["permgraph.align"]  # the module (permgraph.align is the function)
+
+    orig = pa.assign
+    spent = [0.0]
+
+    def timed(s):
+        t0 = time.perf_counter()
+        try:
+            return orig(s)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    pa.assign = timed
+    try:
+        al = permgraph.align(a, b, spec=spec, progress=False)
+    finally:
+        pa.assign = orig
+    return spent[0] / max(1, sum("objective" in e for e in al.log))
+
+
 def profile_weight(name: str, top: int = 12) -> str:
     """cProfile of one matching phase (with assign() timed separately)."""
     import cProfile
     import io
     import pstats
-
-    import permgraph.align as pa
 
     a, b = build(name, 0), build(name, 1)
     spec = permgraph.trace(a)
@@ -237,7 +263,6 @@ def profile_weight(name: str, top: int = 12) -> str:
     pr.disable()
     s = io.StringIO()
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
-    del pa
     return s.getvalue()
 
 
@@ -253,7 +278,7 @@ def bench_rebasin(repeats: int) -> dict:
     a, b = build("resnet18", 0), build("resnet18", 1)
     spec = permgraph.trace(a)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    ours, theirs, init, loads = [], [], [], []
+    ours, theirs, init, loads, iters, sweeps = [], [], [], [], [], []
     error = None
     al = None
     pcd = None
@@ -262,24 +287,35 @@ def bench_rebasin(repeats: int) -> dict:
         t0 = time.perf_counter()
         al = permgraph.align(a, b, spec=spec, progress=False)
         ours.append(time.perf_counter() - t0)
+        sweeps.append(sum("objective" in e for e in al.log))
         try:
             bb = copy.deepcopy(b)
             torch.manual_seed(r)
             t0 = time.perf_counter()
             pcd = PermutationCoordinateDescent(a, bb, input_data_b=x)
             init.append(time.perf_counter() - t0)
+            step = pcd._calculate_permutations_step
+            count = [0]
+
+            def counted(*a_, _step=step, _count=count, **k_):
+                _count[0] += 1
+                return _step(*a_, **k_)
+
+            pcd._calculate_permutations_step = counted  # count rebasin's iterations (sweeps)
             t0 = time.perf_counter()
             pcd.calculate_permutations()
             theirs.append(time.perf_counter() - t0)
+            iters.append(count[0])
         except Exception as e:  # record the failure honestly and keep going
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
             break
         print(f"  [rebasin] repeat {r + 1}: permgraph {ours[-1]:.2f}s, rebasin init {init[-1]:.2f}s, "
-              f"calculate_permutations {theirs[-1]:.2f}s, load {loads[-1]:.1f}", file=sys.stderr, flush=True)
-    out = {"permgraph_s": median(ours), "permgraph_runs": ours, "error": error, "load": (min(loads), load())}
+              f"calculate_permutations {theirs[-1]:.2f}s ({iters[-1]} iterations), load {loads[-1]:.1f}", file=sys.stderr, flush=True)
+    out = {"permgraph_s": median(ours), "permgraph_runs": ours, "permgraph_sweeps": sweeps, "error": error, "load": (min(loads), load())}
     if error is None:
         pcd.apply_permutations()
         out.update({"rebasin_s": median(theirs), "rebasin_runs": theirs, "rebasin_init_s": median(init),
+                    "rebasin_iterations": iters,
                     "speedup": median(theirs) / median(ours),
                     "speedups": [t / o for t, o in zip(theirs, ours)],
                     "l2_unaligned": l2_params(a, dict(b.named_parameters())),
@@ -339,12 +375,17 @@ def bench_activation(kind: str, repeats: int, num: int = 10000, batch: int = 250
             n = spec.groups[g].size
             per_batch = d["samples"] * batch // num  # rows per batch, all taps of the group together
             taps.append((n, per_batch))
-    fwd, act, prod, loads = [], [], [], []
+    from permgraph._activations import _Taps
+
+    fwd, act, prod, setup, loads = [], [], [], [], []
     for r in range(repeats):
         loads.append(load())
         t0 = time.perf_counter()
         forward_passes(a, b, batches)
         fwd.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _Taps(spec, a, b, batches[0])  # the per-call, per-input-shape export and cut of the graph
+        setup.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         al = permgraph.align(a, b, "activation", batches, spec=spec, num_samples=num, progress=False)
         act.append(time.perf_counter() - t0)
@@ -359,10 +400,11 @@ def bench_activation(kind: str, repeats: int, num: int = 10000, batch: int = 250
     by_weight = al.log[0]["groups_by_weight"]
     out = {"model": kind, "inputs": al.log[0]["inputs"], "batch": batch, "groups": len(spec.groups),
            "groups_by_activation": al.log[0]["groups_by_activation"], "groups_by_weight": by_weight,
-           "forward_s": median(fwd), "align_s": median(act), "products_s": median(prod),
+           "constant_units": sum(al.log[0]["constant_units"].values()),
+           "forward_s": median(fwd), "align_s": median(act), "products_s": median(prod), "setup_s": median(setup),
            "ratio_forward": median(x / f for x, f in zip(act, fwd)),
            "ratio_bound": median(x / (f + p) for x, f, p in zip(act, fwd, prod)),
-           "runs": {"forward": fwd, "align": act, "products": prod}, "load": (min(loads), load())}
+           "runs": {"forward": fwd, "align": act, "products": prod, "setup": setup}, "load": (min(loads), load())}
     return out
 
 
@@ -390,19 +432,46 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _peak_during(fn) -> tuple[int, int, float]:
-    """(peak RSS minus RSS before, ru_maxrss growth in bytes, seconds) of ``fn()``, RSS sampled every ms."""
+def _heap_reader():
+    """Bytes allocated through malloc now (glibc mallinfo2: in-use arena bytes + mmapped blocks), or None.
+
+    torch's CPU allocator calls malloc/free directly, so this counts live tensors, unlike the resident set
+    size, which also keeps pages that were freed but not yet returned to the system."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def heap() -> int:
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd
+
+    return heap
+
+
+def _peak_during(fn) -> tuple[int | None, int, float]:
+    """(peak malloc'ed bytes minus before, peak RSS minus before, seconds) of ``fn()``, sampled every ms."""
     import gc
 
     gc.collect()
-    base = _rss()
-    max0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = [base]
+    heap = _heap_reader()
+    base_h = heap() if heap else 0
+    base_r = _rss()
+    peak = [base_h, base_r]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
+            if heap:
+                peak[0] = max(peak[0], heap())
+            peak[1] = max(peak[1], _rss())
             time.sleep(0.001)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -412,9 +481,7 @@ def _peak_during(fn) -> tuple[int, int, float]:
     dt = time.perf_counter() - t0
     stop.set()
     th.join()
-    peak[0] = max(peak[0], _rss())
-    max1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak[0] - base, max(0, max1 - max0), dt
+    return (peak[0] - base_h if heap else None), peak[1] - base_r, dt
 
 
 def memory_child(kind: str, num: int, what: str) -> dict:
@@ -429,21 +496,31 @@ def memory_child(kind: str, num: int, what: str) -> dict:
     else:
         def fn():
             forward_passes(a, b, loader)
-    peak, maxrss, dt = _peak_during(fn)
-    return {"kind": kind, "num": num, "what": what, "peak_delta": peak, "maxrss_delta": maxrss, "seconds": dt}
+    heap, rss, dt = _peak_during(fn)
+    return {"kind": kind, "num": num, "what": what, "heap_delta": heap, "rss_delta": rss, "seconds": dt}
 
 
-def bench_memory(kinds, nums=(2000, 10000)) -> list[dict]:
+def mib(xs) -> str:
+    return ", ".join("n/a" if x is None else f"{x / 2**20:.1f}" for x in xs)
+
+
+def bench_memory(kinds, nums=(2000, 10000), tries: int = 2) -> list[dict]:
     rows = []
     for kind in kinds:
         for what in ("forward", "align"):
             for num in nums:
-                res = subprocess.run([sys.executable, __file__, "--memory-child", f"{kind},{num},{what}"],
-                                     capture_output=True, text=True, check=True)
-                rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-                r = rows[-1]
-                print(f"  [memory {kind}] {what} {num}: peak +{r['peak_delta'] / 2**20:.1f} MiB, ru_maxrss "
-                      f"+{r['maxrss_delta'] / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+                runs = []
+                for _ in range(tries):
+                    res = subprocess.run([sys.executable, __file__, "--memory-child", f"{kind},{num},{what}"],
+                                         capture_output=True, text=True, check=True)
+                    runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                row = dict(runs[0])
+                row["heap"] = [r["heap_delta"] for r in runs]
+                row["rss"] = [r["rss_delta"] for r in runs]
+                row["seconds"] = median(r["seconds"] for r in runs)
+                rows.append(row)
+                print(f"  [memory {kind}] {what} {num}: allocated peak +{mib(row['heap'])} MiB, RSS peak "
+                      f"+{mib(row['rss'])} MiB", file=sys.stderr, flush=True)
     return rows
 
 
@@ -465,12 +542,14 @@ def report(res: dict, args) -> str:
                              f"{ph} ({p['sweeps']})", f"{p['sweep_s']:.3f}", f"{p['flops'] / 1e9:.1f}",
                              f"{p['mm_s']:.3f}", f"{p['mm_real_s']:.3f}", f"{p['lsa_s']:.3f}",
                              f"{p['bound_s']:.3f}", f"{p['ratio']:.2f}",
-                             "yes" if p["ratio"] <= SWEEP_TARGET else "no"])
+                             "yes" if p["ratio"] <= SWEEP_TARGET else "no", f"{p['assign_s']:.3f}",
+                             f"{p['ratio_measured_assign']:.2f}"])
         out.append("### Weight matching: time per sweep against its bound\n")
         out.append(md_table(["model", "params (M)", "groups visited", "trace s", "matching s", "end to end s",
                              "sweeps", "phase (sweeps)", "s / sweep", "GFLOP / sweep", "products s (rate)",
-                             "products s (real shapes)", "assignment s", "bound s", "sweep / bound",
-                             f"within {SWEEP_TARGET:g}x"], rows))
+                             "products s (real shapes)", "assignment s (random n x n)", "bound s",
+                             "sweep / bound", f"within {SWEEP_TARGET:g}x", "assignment s (measured in align)",
+                             "sweep / bound with measured assignment"], rows))
         rates = [r["rate"] / 1e9 for r in res["weight"]]
         out.append(f"\nMeasured float32 matmul rate (2048 x 2048 torch.mm, median per model): "
                    f"{', '.join(f'{x:.0f}' for x in rates)} GFLOP/s.\n")
@@ -481,12 +560,14 @@ def report(res: dict, args) -> str:
             out.append(f"rebasin failed: `{r['error']}`; permgraph matching phase {r['permgraph_s']:.2f} s.\n")
         else:
             out.append(md_table(
-                ["", "matching s (median)", "runs", "L2(A, permuted B) over parameters"],
+                ["", "matching s (median)", "runs", "sweeps", "L2(A, permuted B) over parameters"],
                 [["permgraph `align(a, b, spec=spec)`", f"{r['permgraph_s']:.2f}",
-                  ", ".join(f"{x:.2f}" for x in r["permgraph_runs"]), f"{r['l2_permgraph']:.2f}"],
+                  ", ".join(f"{x:.2f}" for x in r["permgraph_runs"]),
+                  ", ".join(map(str, r["permgraph_sweeps"])), f"{r['l2_permgraph']:.2f}"],
                  [f"rebasin {r['rebasin_version']} `calculate_permutations()`", f"{r['rebasin_s']:.2f}",
-                  ", ".join(f"{x:.2f}" for x in r["rebasin_runs"]), f"{r['l2_rebasin']:.2f}"],
-                 ["unaligned", "", "", f"{r['l2_unaligned']:.2f}"]]))
+                  ", ".join(f"{x:.2f}" for x in r["rebasin_runs"]),
+                  ", ".join(map(str, r["rebasin_iterations"])), f"{r['l2_rebasin']:.2f}"],
+                 ["unaligned", "", "", "", f"{r['l2_unaligned']:.2f}"]]))
             ok = r["speedup"] >= REBASIN_TARGET
             out.append(f"\nSpeed-up {r['speedup']:.2f}x (per repeat: "
                        f"{', '.join(f'{x:.2f}' for x in r['speedups'])}); target {REBASIN_TARGET:g}x: "
@@ -497,24 +578,26 @@ def report(res: dict, args) -> str:
         for r in res["activation"]:
             rows.append([r["model"], r["inputs"], r["batch"],
                          f"{r['groups_by_activation']} / {r['groups_by_weight']}", f"{r['forward_s']:.2f}",
-                         f"{r['products_s']:.2f}", f"{r['align_s']:.2f}", f"{r['ratio_forward']:.2f}",
+                         f"{r['products_s']:.2f}", f"{r['setup_s']:.2f}", r["constant_units"],
+                         f"{r['align_s']:.2f}", f"{r['ratio_forward']:.2f}",
                          f"{r['ratio_bound']:.2f}"])
         out.append("### Activation matching against forward passes\n")
         out.append(md_table(["model", "inputs", "batch", "groups by activation / by weight",
-                             "forward passes s", "cross-moment products s", "align s", "align / forward",
+                             "forward passes s", "cross-moment products s", "taps setup s (export)",
+                             "constant units", "align s", "align / forward",
                              "align / (forward + products)"], rows))
         out.append("")
     if "memory" in res:
         rows = []
         for r in res["memory"]:
-            rows.append([r["kind"], r["what"], r["num"], f"{r['peak_delta'] / 2**20:.1f}",
-                         f"{r['maxrss_delta'] / 2**20:.1f}", f"{r['seconds']:.2f}"])
+            rows.append([r["kind"], r["what"], r["num"], mib(r["heap"]), mib(r["rss"]), f"{r['seconds']:.2f}"])
         out.append("### Activation matching: memory against the number of inputs\n")
-        out.append(md_table(["model", "run", "inputs", "peak RSS growth MiB", "ru_maxrss growth MiB", "s"], rows))
+        out.append(md_table(["model", "run", "inputs", "peak allocated growth MiB (two runs)",
+                             "peak RSS growth MiB (two runs)", "s"], rows))
         out.append("")
     loads = [x for part in res.values() for r in (part if isinstance(part, list) else [part])
              if isinstance(r, dict) and "load" in r for x in r["load"]]
-    note = (f"Median of {args.repeats} interleaved repeats; torch.set_num_threads({args.threads}); "
+    note = (f"Median of {args.repeats} interleaved repeats ({args.rebasin_repeats} for rebasin); torch.set_num_threads({args.threads}); "
             f"{os.cpu_count()} CPUs; torch {torch.__version__}; 1-minute load average during the run "
             + (f"{min(loads):.1f}-{max(loads):.1f}." if loads else "n/a."))
     out.append(note)
@@ -526,6 +609,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="weight,rebasin,activation,memory")
     ap.add_argument("--models", default=",".join(WM_MODELS), help="weight-matching models")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rebasin-repeats", type=int, default=5,
+                    help="repeats of the rebasin comparison (its iteration count varies with its random order)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--markdown", metavar="OUT.md")
     ap.add_argument("--json", metavar="OUT.json")
@@ -554,9 +639,10 @@ def main(argv=None) -> int:
             res["rebasin"] = {"error": "rebasin is not installed (pip install --no-deps rebasin torchview "
                                        "graphviz)", "permgraph_s": float("nan"), "load": (load(), load())}
         else:
-            res["rebasin"] = bench_rebasin(args.repeats)
+            res["rebasin"] = bench_rebasin(args.rebasin_repeats)
     if "activation" in parts:
-        res["activation"] = [bench_activation(k, args.repeats) for k in ("resnet18", "mlp")]
+        res["activation"] = [bench_activation(k, args.repeats, batch=bs)
+                             for k, bs in (("resnet18", 250), ("mlp", 250), ("mlp", 1000))]
     if "memory" in parts:
         res["memory"] = bench_memory(("resnet18", "mlp"))
     text = report(res, args)

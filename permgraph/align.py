@@ -392,6 +392,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     bar = _bar(progress, max_iter, "weight matching (sweeps)")
     sweeps = 0
     nested = {g for g in todo if any(m.nested for m in members[g])}
+    last_plain: dict[str, float] = {}  # plain similarity at each group's last visit
     phase = "invariant" if nested and free_units is None else "plain"
     for it in range(max_iter):
         sweeps = it + 1
@@ -412,6 +413,8 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
             else:
                 new_p = assign(s)
             new = float(s[ar, new_p.to(dev)].sum())
+            if phase == "plain" and not (phase == "invariant" and g in nested):
+                last_plain[g] = max(new, old)
             if new > old + 1e-9 * max(1.0, abs(old)):
                 perm[g] = new_p
                 improved += 1
@@ -429,8 +432,10 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
             break
     if bar is not None:
         bar.close()
+    converged = bool(log) and log[-1]["groups_improved"] == 0 and log[-1]["phase"] == "plain"
     for g, d in diag.items():
-        d["similarity_after"] = plain_score(g)
+        # a final sweep that changed nothing visited every group at its final permutation
+        d["similarity_after"] = last_plain[g] if converged and g in last_plain else plain_score(g)
         d["moved_fraction"] = float((perm[g] != torch.arange(sizes[g])).float().mean())
         d["sweeps"] = sweeps
     return Permutation(perm), diag, log

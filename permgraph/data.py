@@ -21,7 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
 
 from .errors import PermgraphError
 
@@ -56,6 +64,10 @@ class Data:
         if shuffle is None:
             shuffle = split == "train" and subset is None
         gen = torch.Generator().manual_seed(seed) if shuffle else None
+        if isinstance(ds, TensorDataset) and num_workers == 0:
+            # in-memory tensors: index whole batches at once (same order as the item-wise loader)
+            base = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
+            return DataLoader(ds, batch_size=None, sampler=BatchSampler(base, batch_size, drop_last))
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers,
                           drop_last=drop_last)
 
