@@ -89,30 +89,63 @@ def _inputs(batch):
     raise TypeError(f"loader batches must be tensors or (input, target) pairs, got {type(batch).__name__}")
 
 
-def reset_bn_(model: nn.Module, loader: Iterable, num_batches: int | None = None, device=None) -> nn.Module:
-    """Recompute BatchNorm running statistics in place: the cumulative average over ``loader`` (or its
-    first ``num_batches`` batches) in train mode; momentum and train/eval flags are restored afterwards."""
-    bns = batchnorm_layers(model)
-    if not bns:
-        return model
-    dev = device or next(model.parameters()).device
+def _passes(model: nn.Module, loader: Iterable, num_batches: int | None, device, hooks=(), train: bool = False):
+    """Run ``model`` over ``loader`` (no grad) with forward ``hooks`` ({module: fn}) registered, in eval
+    mode (or train mode); the hooks are removed and train/eval flags restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in bns]
+    handles = [m.register_forward_hook(fn) for m, fn in dict(hooks).items()]
+    dev = device or next(model.parameters()).device
     try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average
-        model.train()
+        model.train(train)
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 if num_batches is not None and i >= num_batches:
                     break
                 model(_inputs(batch).to(dev))
     finally:
-        for m, mom in momenta:
-            m.momentum = mom
+        for h in handles:
+            h.remove()
         for m, t in flags:
             m.training = t
+
+
+class _ChannelMoments:
+    """Per-channel count, sum and sum of squares (float64) of a layer's outputs."""
+
+    def __init__(self):
+        self.n, self.s, self.ss = 0, 0.0, 0.0
+
+    def update(self, flat: torch.Tensor) -> None:
+        flat = flat.double()
+        self.n += flat.shape[0]
+        self.s = self.s + flat.sum(0)
+        self.ss = self.ss + (flat * flat).sum(0)
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.s / self.n
+        return mean, (self.ss / self.n - mean * mean).clamp_min(0).sqrt()
+
+
+def _channels_last(out: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Move the channel dim last (dim 1 of conv outputs; Linear outputs already have it last)."""
+    return out.movedim(1, -1) if out.ndim > 2 and not isinstance(module, nn.Linear) else out
+
+
+def reset_bn_(model: nn.Module, loader: Iterable, num_batches: int | None = None, device=None) -> nn.Module:
+    """Recompute BatchNorm running statistics in place: the cumulative average over ``loader`` (or its
+    first ``num_batches`` batches) in train mode; momentum and train/eval flags are restored afterwards."""
+    bns = batchnorm_layers(model)
+    if not bns:
+        return model
+    momenta = [(m, m.momentum) for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average
+        _passes(model, loader, num_batches, device, train=True)
+    finally:
+        for m, mom in momenta:
+            m.momentum = mom
     return model
 
 
@@ -133,40 +166,16 @@ def channel_stats(model: nn.Module, loader: Iterable, layers: Sequence[str], num
     """Per-channel mean and standard deviation of the named layers' outputs over ``loader`` (eval mode;
     channel dim 1, or the last dim for Linear layers on token sequences)."""
     mods = dict(model.named_modules())
-    acc: dict[str, list] = {}
-    hooks = []
+    acc = {n: _ChannelMoments() for n in layers}
 
     def hook(name):
-        def fn(_m, _inp, out):
-            x = out.detach()
-            x = x.movedim(1, -1) if x.ndim > 2 and not isinstance(mods[name], nn.Linear) else x
-            x = x.reshape(-1, x.shape[-1]).double()
-            a = acc.setdefault(name, [0, 0.0, 0.0])
-            a[0] += x.shape[0]
-            a[1] = a[1] + x.sum(0)
-            a[2] = a[2] + (x * x).sum(0)
+        def fn(module, _inp, out):
+            x = _channels_last(out.detach(), module)
+            acc[name].update(x.reshape(-1, x.shape[-1]))
         return fn
 
-    for n in layers:
-        hooks.append(mods[n].register_forward_hook(hook(n)))
-    was = model.training
-    model.eval()
-    dev = device or next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if num_batches is not None and i >= num_batches:
-                    break
-                model(_inputs(batch).to(dev))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    out = {}
-    for n, (cnt, s, ss) in acc.items():
-        mean = s / cnt
-        out[n] = (mean, (ss / cnt - mean * mean).clamp_min(0).sqrt())
-    return out
+    _passes(model, loader, num_batches, device, {mods[n]: hook(n) for n in layers})
+    return {n: a.mean_std() for n, a in acc.items() if a.n}
 
 
 def repair_(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], loader: Iterable,
@@ -187,47 +196,29 @@ def repair_(model: nn.Module, targets: Mapping[str, tuple[torch.Tensor, torch.Te
 
 def _repair_pass(model, targets, loader, num_batches, device, on_the_fly: bool) -> None:
     mods = dict(model.named_modules())
-    acc: dict[str, list] = {}
-    hooks = []
+    acc = {n: _ChannelMoments() for n in targets}
 
     def hook(name):
         tm, ts = targets[name]
-        is_linear = isinstance(mods[name], nn.Linear)
 
-        def fn(_m, _inp, out):
-            x = out.movedim(1, -1) if out.ndim > 2 and not is_linear else out
+        def fn(module, _inp, out):
+            x = _channels_last(out, module)
             flat = x.reshape(-1, x.shape[-1]).double()
-            mu, var = flat.mean(0), flat.var(0, unbiased=False)
-            a = acc.setdefault(name, [0, 0.0, 0.0])
-            a[0] += flat.shape[0]
-            a[1] = a[1] + flat.sum(0)
-            a[2] = a[2] + (flat * flat).sum(0)
+            acc[name].update(flat)
             if not on_the_fly:
                 return None
+            mu, var = flat.mean(0), flat.var(0, unbiased=False)
             y = (x - mu.to(x.dtype)) / (var.sqrt().to(x.dtype) + 1e-8) * ts.to(x.dtype) + tm.to(x.dtype)
-            return y.movedim(-1, 1) if out.ndim > 2 and not is_linear else y
+            return y.movedim(-1, 1) if out.ndim > 2 and not isinstance(module, nn.Linear) else y
         return fn
 
-    for n in targets:
-        hooks.append(mods[n].register_forward_hook(hook(n)))
-    was = model.training
-    model.eval()
-    dev = device or next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if num_batches is not None and i >= num_batches:
-                    break
-                model(_inputs(batch).to(dev))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    _passes(model, loader, num_batches, device, {mods[n]: hook(n) for n in targets})
     with torch.no_grad():
-        for n, (cnt, s, ss) in acc.items():
+        for n, a in acc.items():
+            if not a.n:
+                continue
             m = mods[n]
-            mean = s / cnt
-            std = (ss / cnt - mean * mean).clamp_min(0).sqrt()
+            mean, std = a.mean_std()
             tm, ts = targets[n]
             scale = ts.double() / (std + 1e-8)
             w = m.weight
