@@ -20,12 +20,12 @@ from experiments.executors import execute  # noqa: E402
 
 GRID = {
     "kind": "pair", "name": "bench-grid",
-    "model": {"name": "mlp", "kwargs": {"in_features": 64, "width": 256, "depth": 2}},
+    "model": {"name": "mlp", "kwargs": {"in_features": 64, "width": 512, "depth": 3}},
     "data": {"name": "digits"},
-    "train": {"epochs": 20, "batch_size": 64, "lr": 0.05, "weight_decay": 0.0, "schedule": "constant"},
+    "train": {"epochs": 60, "batch_size": 64, "lr": 0.05, "weight_decay": 0.0, "schedule": "constant"},
     "seeds": [[0, 1], [2, 3], [4, 5], [6, 7]],
     "matching": {"num_samples": 1000},
-    "barrier": {"alphas": 11, "subset": 1000, "batch_size": 500},
+    "barrier": {"alphas": 25, "subset": 1437, "batch_size": 500},
 }
 
 
