@@ -172,3 +172,15 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
+
+
+def train_network(ctx: Context, seed: int) -> None:
+    """Unit of work: train (or find) the network of ``seed``."""
+    ctx.network(seed)
+
+
+def network_plan(seeds) -> list[tuple[str, Any, list[str]]]:
+    """Units that train every seed's network, independent of each other (for parallel executors)."""
+    from functools import partial
+
+    return [(f"train_{s}", partial(train_network, seed=s), []) for s in sorted(set(seeds))]

@@ -19,7 +19,7 @@ import torch
 
 import permgraph
 
-from .common import Context, fmt, md_table, plt, save_figure
+from .common import Context, fmt, md_table, network_plan, plt, save_figure
 from .trajectory import perm_lists
 
 METRICS = ("loss", "error")
@@ -206,3 +206,9 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         f"{fmt(c['barrier_unaligned']['error'])}, aligned {fmt(c['barrier_aligned']['error'])}. The line A -> B is "
         "the no-alignment control.",
     ]) + "\n"
+
+
+def plan(ctx: Context) -> list:
+    """Parallel units: training the networks (the costly part). Alignment and barriers then run in the
+    driver, on the trained networks."""
+    return network_plan(list(ctx.spec.seeds))

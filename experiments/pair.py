@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from .common import Context, fmt, md_table, mean_std, plt, save_figure
+from .common import Context, fmt, md_table, mean_std, network_plan, plt, save_figure
 
 
 def pair_unit(ctx: Context, sa: int, sb: int) -> dict[str, Any]:
@@ -38,15 +38,10 @@ def control_unit(ctx: Context) -> dict[str, Any]:
     return ctx.unit("control_self_permuted", lambda: ctx.control(state, ctx.trace(ctx.model_from(state))))
 
 
-def train_unit(ctx: Context, seed: int) -> None:
-    ctx.network(seed)
-
-
 def plan(ctx: Context) -> list[tuple[str, Any, list[str]]]:
     """Independent units of work with their dependencies, for executors that run them in parallel:
     (name, function of the Context, names of the units it needs)."""
-    seeds = sorted({s for pair in ctx.spec.seeds for s in pair})
-    tasks = [(f"train_{s}", partial(train_unit, seed=s), []) for s in seeds]
+    tasks = network_plan([s for pair in ctx.spec.seeds for s in pair])
     tasks += [(f"pair_{sa}_{sb}", partial(pair_unit, sa=sa, sb=sb), [f"train_{sa}", f"train_{sb}"])
               for sa, sb in ctx.spec.seeds]
     tasks.append(("control", control_unit, [f"train_{ctx.spec.seeds[0][0]}"]))

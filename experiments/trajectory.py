@@ -16,7 +16,7 @@ from typing import Any
 
 import permgraph
 
-from .common import Context, fmt, md_table, mean_std, plt, save_figure
+from .common import Context, fmt, md_table, mean_std, network_plan, plt, save_figure
 
 METRICS = ("error", "loss")
 
@@ -259,3 +259,9 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
               f"{fmt(c['barrier_unaligned']['error'])}, aligned {fmt(c['barrier_aligned']['error'])}. "
               "Agreement of P_final with itself is 1 by construction. The 'none' rows are the unaligned barriers."]
     return "\n\n".join(parts) + "\n"
+
+
+def plan(ctx: Context) -> list:
+    """Parallel units: training the networks (the costly part). Alignment and barriers then run in the
+    driver, on the trained networks."""
+    return network_plan([s for pair in ctx.spec.seeds for s in pair])
