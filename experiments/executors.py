@@ -5,7 +5,7 @@
   measure one pair, ...) is submitted to a Ray cluster; independent units run in parallel on any worker,
   a unit whose worker dies is retried, and finished units are skipped. Every unit writes its artifact
   atomically into the shared store, so the final aggregation (run locally) finds everything done and
-  produces byte-identical results to the local executor. Kinds without a ``plan`` run locally.
+  produces byte-identical results to the local executor.
 
 The store must be a path every worker can reach (a shared filesystem: NFS, Lustre, ...).
 """
