@@ -52,7 +52,8 @@ class Context:
         """The model's spec, traced once per architecture (keyed by its tensor shapes)."""
         key = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
         if key not in self._specs:
-            x = next(iter(self.loader("train", 2, 2)))[0].to(self.device)
+            dev = next(model.parameters()).device  # the example input goes where the model is
+            x = next(iter(self.loader("train", 2, 2)))[0].to(dev)
             self._specs[key] = permgraph.trace(model, (x,))
         return self._specs[key]
 

@@ -71,7 +71,8 @@ def _models(ctx: Context, w):
 
 def _trace(ctx: Context, model) -> permgraph.PermutationSpec:
     # traced per width (Context.trace caches one spec for the spec's own model)
-    return permgraph.trace(model, (next(iter(ctx.loader("train", 2, 2)))[0],))
+    x = next(iter(ctx.loader("train", 2, 2)))[0].to(next(model.parameters()).device)
+    return permgraph.trace(model, (x,))
 
 
 def network_unit(ctx: Context, seed: int, width) -> None:
