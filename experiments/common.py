@@ -121,7 +121,10 @@ class Context:
     def control(self, state: dict, spec, **override) -> dict[str, Any]:
         """Sanity control: a network against a randomly permuted copy of itself. After weight matching
         the recovered permutation must be exact and the barrier exactly 0."""
-        a = self.model_from(state, **override)
+        return self.control_model(self.model_from(state, **override), spec)
+
+    def control_model(self, a, spec) -> dict[str, Any]:
+        """``control`` for a model already built."""
         perm = permgraph.random_permutation(spec, 12345)
         b = permgraph.apply(a, spec, perm)
         al = permgraph.align(a, b, spec=spec, progress=False)

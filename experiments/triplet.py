@@ -133,7 +133,7 @@ def control_unit(ctx: Context, w) -> dict[str, Any]:
         a = _models(ctx, w)(spec.seeds[0][0])
         perm_spec = _trace(ctx, a)
         first = spec.barrier.splits[0]
-        out: dict[str, Any] = {"self_permuted": _control(ctx, a, perm_spec)}
+        out: dict[str, Any] = {"self_permuted": ctx.control_model(a, perm_spec)}
         b = permgraph.apply(a, perm_spec, permgraph.random_permutation(perm_spec, 1))
         c = permgraph.apply(a, perm_spec, permgraph.random_permutation(perm_spec, 2))
         al_ab, al_ca, al_cb, al_bc = (ctx.align(x, y, "weight", perm_spec) for x, y in
@@ -174,20 +174,6 @@ def run(ctx: Context) -> dict[str, Any]:
                        "controls": control_unit(ctx, w)})
     return {"method": spec.matching.methods[0], "width_arg": spec.width_arg, "chain_seeds": chain_seeds(spec),
             "widths": widths}
-
-
-def _control(ctx: Context, a, perm_spec) -> dict[str, Any]:
-    """``ctx.control`` for a model built with a width override (``ctx.control`` rebuilds the model from
-    the spec's own kwargs): A against a randomly permuted copy of itself."""
-    perm = permgraph.random_permutation(perm_spec, 12345)
-    b = permgraph.apply(a, perm_spec, perm)
-    al = permgraph.align(a, b, spec=perm_spec, progress=False)
-    inv = permgraph.inverse(perm)
-    mism = sum(int((al.perm[g] != inv[g]).sum()) for g in inv)
-    split = ctx.spec.barrier.splits[0]
-    return {"mismatched_units": mism, "units": sum(len(p) for p in inv.values()),
-            "barrier_unaligned": ctx.barriers(a, b, [split])[split]["barrier"],
-            "barrier_aligned": ctx.barriers(a, al.apply(b), [split])[split]["barrier"]}
 
 
 def _summary(spec, triples: list[dict[str, Any]]) -> dict[str, Any]:

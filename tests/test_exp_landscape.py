@@ -1,12 +1,10 @@
 """The ``landscape`` runner end to end on a tiny MLP with BatchNorm (statistics reset at every grid
 point): the plane through A, B and P(B), the two straight lines, controls, and a reusing second run."""
 
-import time
-from pathlib import Path
 
 import pytest
+from _runs import run_twice
 
-import experiments
 from experiments.store import read_json
 
 SPEC = {
@@ -22,23 +20,9 @@ SPEC = {
 }
 
 
-def _stamps(out: Path) -> dict[str, int]:
-    files = list(out.rglob("units/*.json")) + list(out.rglob("networks/*/*.safetensors"))
-    return {str(p): p.stat().st_mtime_ns for p in files}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("store")
-    t0 = time.perf_counter()
-    run_dir = experiments.run(experiments.parse(SPEC), out=out, progress=False)
-    first = time.perf_counter() - t0
-    before, text = _stamps(out), (run_dir / "results.json").read_bytes()
-    t0 = time.perf_counter()
-    again = experiments.run(experiments.parse(SPEC), out=out, progress=False)
-    second = time.perf_counter() - t0
-    return {"run_dir": run_dir, "again": again, "first": first, "second": second, "before": before,
-            "after": _stamps(out), "text": text, "text_again": (again / "results.json").read_bytes()}
+    return run_twice(SPEC, tmp_path_factory.mktemp("store"))
 
 
 def test_outputs_have_the_promised_shape(runs):

@@ -1,10 +1,9 @@
 """The ``trajectory`` runner end to end on a tiny MLP: heatmap of P_t applied at every checkpoint s,
 P_final / P_s curves, agreement with P_final, controls, and a second run that reuses everything."""
 
-import time
-from pathlib import Path
 
 import pytest
+from _runs import run_twice
 
 import experiments
 from experiments.spec import SpecError
@@ -23,23 +22,9 @@ SPEC = {
 }
 
 
-def _stamps(out: Path) -> dict[str, int]:
-    files = list(out.rglob("units/*.json")) + list(out.rglob("networks/*/*.safetensors"))
-    return {str(p): p.stat().st_mtime_ns for p in files}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("store")
-    t0 = time.perf_counter()
-    run_dir = experiments.run(experiments.parse(SPEC), out=out, progress=False)
-    first = time.perf_counter() - t0
-    before, text = _stamps(out), (run_dir / "results.json").read_bytes()
-    t0 = time.perf_counter()
-    again = experiments.run(experiments.parse(SPEC), out=out, progress=False)
-    second = time.perf_counter() - t0
-    return {"run_dir": run_dir, "again": again, "first": first, "second": second, "before": before,
-            "after": _stamps(out), "text": text, "text_again": (again / "results.json").read_bytes()}
+    return run_twice(SPEC, tmp_path_factory.mktemp("store"))
 
 
 def test_outputs_have_the_promised_shape(runs):
