@@ -10,12 +10,17 @@ matching afterwards, with the activation-matched groups held fixed.
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from ._solver import assign
+from .errors import SpecMismatchError
 from .permutation import Permutation
 from .spec import PermutationSpec, Tree
 
@@ -50,10 +55,16 @@ def _match_trees(t_new: Tree, t_spec: Tree, mapping: dict[str, str]) -> None:
                 _match_trees(x, y, mapping)
 
 
-class _Taps:
-    """The exported graph of one input shape, cut down to return the tapped activations."""
+class _Template:
+    """The exported graph of model A for one input shape, cut down to the tapped activations.
 
-    def __init__(self, spec: PermutationSpec, a: nn.Module, b: nn.Module, x: torch.Tensor):
+    The template keeps the graph and the constants the graph creates, never the model's tensors: ``bind``
+    attaches a model's parameters and buffers (no copy), so one template serves every pair of models with
+    the same structure. The graph returns the taps and then the model's outputs, which ``activation_matching``
+    compares with the models' own forward pass on the first batch before trusting the taps.
+    """
+
+    def __init__(self, spec: PermutationSpec, a: nn.Module, x: torch.Tensor):
         from ._trace import Propagator, _tied_keys, _tree, export
 
         ep = export(a, (x,))
@@ -83,33 +94,128 @@ class _Taps:
             elif cat == cur[0]:
                 cur[1].append((node.name, grouped[0]))
         self.taps = {g: v[1] for g, v in best.items()}
-        names = {n for taps in self.taps.values() for n, _ in taps}
-        self.order = sorted(names)
+        self.order = sorted({n for taps in self.taps.values() for n, _ in taps})
+        self.graph = _cut(ep.module(), self.order)
+        own = _named_tensors(a)
+        self.targets: list[str] = []
+        self.extras: dict[str, object] = {}  # what the graph reads that is not a model tensor (constants)
         gm = ep.module()
-        self.gm_a = _cut(gm, self.order)
-        self.gm_b = copy.deepcopy(self.gm_a)
-        missing, unexpected = self.gm_b.load_state_dict(b.state_dict(), strict=False)
-        if unexpected:
-            raise ValueError(f"model B has tensors model A does not ({unexpected[:3]})")
+        for node in self.graph.nodes:
+            if node.op in ("get_attr", "call_module") and node.target not in self.targets:
+                self.targets.append(node.target)
+                if node.target not in own:
+                    self.extras[node.target] = _getattr_path(gm, node.target)
 
-    def run(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            oa, ob = self.gm_a(x), self.gm_b(x)
-        return dict(zip(self.order, oa)), dict(zip(self.order, ob))
+    def bind(self, model: nn.Module, which: str) -> torch.fx.GraphModule:
+        """The cut graph reading ``model``'s own parameters and buffers."""
+        own = _named_tensors(model)
+        root = {}
+        for t in self.targets:
+            if t in own:
+                root[t] = own[t]
+            elif t in self.extras:
+                root[t] = self.extras[t]
+            else:
+                raise SpecMismatchError(f"model {which} has no tensor {t!r}, which model A's graph reads; "
+                                        "align two models of the same architecture")
+        gm = torch.fx.GraphModule(root, copy.deepcopy(self.graph))
+        gm.eval()
+        return gm
 
 
-def _cut(gm: torch.fx.GraphModule, names: list[str]) -> torch.fx.GraphModule:
-    """A GraphModule computing only what the named nodes need, returning them as a tuple."""
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(model.named_parameters(remove_duplicate=False))
+    out.update(model.named_buffers(remove_duplicate=False))
+    return out
+
+
+def _getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _cut(gm: torch.fx.GraphModule, names: list[str]) -> torch.fx.Graph:
+    """A copy of ``gm``'s graph computing the named nodes and the model's outputs, returned as one flat tuple."""
     graph = copy.deepcopy(gm.graph)
     graph._codegen = torch.fx.graph.CodeGen()
     nodes = {n.name: n for n in graph.nodes}
     out = next(n for n in graph.nodes if n.op == "output")
-    out.args = (tuple(nodes[n] for n in names),)
-    new = torch.fx.GraphModule(gm, graph)
-    new.graph.eliminate_dead_code()
-    new.recompile()
-    new.eval()
-    return new
+    leaves = [n for n in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(n, torch.fx.Node)]
+    out.args = (tuple(nodes[n] for n in names) + tuple(leaves),)
+    owner = torch.fx.GraphModule(gm, graph)  # dead-code elimination asks the owning module what is pure
+    owner.graph.eliminate_dead_code()
+    return copy.deepcopy(owner.graph)  # a copy owned by nothing: the template holds no model tensors
+
+
+# structure of a model: what must agree for one exported graph to serve another model
+def _structure(model: nn.Module) -> tuple:
+    tensors = tuple((k, tuple(t.shape), t.dtype, str(t.device)) for k, t in _named_tensors(model).items())
+    return (type(model).__module__, type(model).__qualname__, hashlib.sha256(repr(model).encode()).hexdigest(),
+            tensors)
+
+
+_TEMPLATES: OrderedDict[tuple, _Template] = OrderedDict()
+_MAX_TEMPLATES = 8
+
+
+def _template(key: tuple, spec: PermutationSpec, a: nn.Module, x: torch.Tensor, fresh: bool) -> _Template:
+    """The cached template for ``key`` (or a freshly exported one), most recently used last."""
+    if not fresh and key in _TEMPLATES:
+        _TEMPLATES.move_to_end(key)
+        return _TEMPLATES[key]
+    try:
+        tpl = _Template(spec, a, x)
+    except Exception as e:
+        raise ValueError(f"a batch of shape {tuple(x.shape)} does not fit the model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+    _TEMPLATES[key] = tpl
+    while len(_TEMPLATES) > _MAX_TEMPLATES:
+        _TEMPLATES.popitem(last=False)
+    return tpl
+
+
+def _model_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The model's output tensors (pytree leaves) in eval mode; the train/eval flags are restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for m, t in flags:
+            m.training = t
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _mismatch(got: tuple, want: list[torch.Tensor]) -> str | None:
+    """Why the graph's outputs ``got`` are not the model's outputs ``want`` (None when they agree)."""
+    if len(got) != len(want):
+        return f"{len(got)} outputs against {len(want)}"
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return f"output shape {tuple(g.shape)} against {tuple(w.shape)}"
+        w, g = w.double(), g.double()
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        tol = (1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4) * max(scale, 1e-6)
+        err = float((g - w).abs().max()) if w.numel() else 0.0
+        if not err <= tol:  # also catches NaN
+            return f"largest difference {err:.3g} (output scale {scale:.3g})"
+    return None
+
+
+class _Pair:
+    """A template bound to models A and B."""
+
+    def __init__(self, tpl: _Template, a: nn.Module, b: nn.Module):
+        self.tpl = tpl
+        self.gm_a, self.gm_b = tpl.bind(a, "A"), tpl.bind(b, "B")
+
+    def run(self, x: torch.Tensor):
+        with torch.no_grad():
+            oa, ob = self.gm_a(x), self.gm_b(x)
+        k = len(self.tpl.order)
+        return dict(zip(self.tpl.order, oa[:k])), dict(zip(self.tpl.order, ob[:k])), oa[k:], ob[k:]
 
 
 class _Moments:
@@ -117,34 +223,76 @@ class _Moments:
 
     Accumulators are float64; each batch's products are computed in the activations' dtype. Values are
     shifted by the first batch's means before the products (the shifted-data algorithm), which keeps the
-    covariance accurate when means are large next to standard deviations (GELU/ReLU outputs).
+    covariance accurate when means are large next to standard deviations (GELU/ReLU outputs). One matrix
+    product per batch gives the cross-moments and both sums: each side is written, shifted, into a buffer
+    whose last column is ones, so ``[xa 1]^T [xb 1]`` holds ``sum xa xb^T``, ``sum xa``, ``sum xb`` and
+    the count. Products are computed in the activations' dtype over chunks of ``CHUNK_ROWS`` sample rows
+    (as if the batches were that large) and then added to the float64 accumulators.
     """
 
-    def __init__(self, n: int, device):
+    def __init__(self, n: int, device, pool: dict):
         z = dict(dtype=torch.float64, device=device)
+        self.n = n
         self.count = 0
+        self.pool = pool  # work buffers shared by all groups of one call, keyed by shape and dtype
         self.shift_a: torch.Tensor | None = None
         self.shift_b: torch.Tensor | None = None
-        self.sa = torch.zeros(n, **z)
-        self.sb = torch.zeros(n, **z)
+        self.s = torch.zeros(n + 1, n + 1, **z)
+        self.chunk: torch.Tensor | None = None  # products of the rows not yet added to ``s``
+        self.pending = 0  # rows in ``chunk``
         self.saa = torch.zeros(n, **z)
         self.sbb = torch.zeros(n, **z)
-        self.sab = torch.zeros(n, n, **z)
 
-    def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
+    def _buffers(self, rows: int, dtype, device):
+        key = (rows, self.n, dtype, device)
+        if key not in self.pool:
+            ld = -(-(self.n + 1) // 16) * 16  # a row length that keeps rows aligned for the matrix product
+            bufs = []
+            for _ in range(2):
+                buf = torch.empty(rows, ld, dtype=dtype, device=device)
+                buf[:, self.n:] = 1.0
+                bufs.append(buf[:, : self.n + 1])
+            self.pool[key] = tuple(bufs)
+        return self.pool[key]
+
+    def update(self, ta: torch.Tensor, tb: torch.Tensor, dim: int) -> None:
+        """Add one batch: ``ta``/``tb`` carry the units on ``dim``; every other dim is a sample dim."""
+        n = self.n
+        ta, tb = ta.movedim(dim, -1), tb.movedim(dim, -1)
         if self.shift_a is None:
-            self.shift_a, self.shift_b = xa.mean(0), xb.mean(0)
-        xa, xb = xa - self.shift_a, xb - self.shift_b
-        self.count += xa.shape[0]
-        self.sa += xa.sum(0).double()
-        self.sb += xb.sum(0).double()
-        self.saa += (xa * xa).sum(0).double()
-        self.sbb += (xb * xb).sum(0).double()
-        self.sab += (xa.T @ xb).double()
+            sample_dims = tuple(range(ta.ndim - 1))
+            self.shift_a, self.shift_b = ta.mean(sample_dims), tb.mean(sample_dims)
+        rows = ta.numel() // n
+        ba, bb = self._buffers(rows, ta.dtype, ta.device)
+        va, vb = ba[:, :n], bb[:, :n]
+        torch.sub(ta, self.shift_a, out=va.view(ta.shape))  # one pass: shift, and gather to rows x units
+        torch.sub(tb, self.shift_b, out=vb.view(tb.shape))
+        if self.pending == 0:
+            if self.chunk is None or self.chunk.dtype != ta.dtype:
+                self.chunk = torch.empty(n + 1, n + 1, dtype=ta.dtype, device=ta.device)
+            torch.mm(ba.T, bb, out=self.chunk)
+        else:
+            self.chunk.addmm_(ba.T, bb)
+        self.pending += rows
+        if self.pending >= self.CHUNK_ROWS or ta.dtype.itemsize < 4:
+            self._flush()
+        self.saa += va.square_().sum(0)
+        self.sbb += vb.square_().sum(0)
+        self.count += rows
+
+    # float32 products are summed over at least this many sample rows (one batch, or a few small ones)
+    # before they are added to the float64 accumulators; half-precision products are added every batch
+    CHUNK_ROWS = 4096
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.s += self.chunk
+            self.pending = 0
 
     def _stats(self):
+        self._flush()
         n = max(self.count, 1)
-        ma, mb = self.sa / n, self.sb / n  # means of the shifted values
+        ma, mb = self.s[: self.n, self.n] / n, self.s[self.n, : self.n] / n  # means of the shifted values
         va = (self.saa / n - ma * ma).clamp_min(0)
         vb = (self.sbb / n - mb * mb).clamp_min(0)
         return n, ma, mb, va, vb
@@ -158,7 +306,7 @@ class _Moments:
 
     def similarity(self, kind: str) -> torch.Tensor:
         n, ma, mb, va, vb = self._stats()
-        cov = self.sab / n - ma[:, None] * mb[None, :]
+        cov = self.s[: self.n, : self.n] / n - ma[:, None] * mb[None, :]
         if kind == "pearson":
             da, db = self.constant_units()
             sim = cov / (va.sqrt()[:, None] * vb.sqrt()[None, :]).clamp_min(1e-30)
@@ -185,6 +333,50 @@ def _input(batch):
     raise TypeError(f"loader batches must be tensors or (input, target) pairs, got {type(batch).__name__}")
 
 
+def _disagreement(got: tuple, model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the graph's outputs ``got`` on ``x`` are not ``model``'s own (None when they agree).
+
+    Checked first on a few leading samples, which costs a fraction of a batch, and on the whole batch
+    only when that does not settle it (outputs without a leading batch dim, models that mix samples)."""
+    k = min(4, x.shape[0])
+    try:
+        if _mismatch(tuple(o[:k] for o in got), _model_outputs(model, x[:k])) is None:
+            return None
+    except Exception:
+        pass
+    try:
+        want = _model_outputs(model, x)
+    except Exception as e:
+        raise ValueError(f"a batch of shape {tuple(x.shape)} does not fit the model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+    return _mismatch(got, want)
+
+
+def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module, x: torch.Tensor) -> _Pair:
+    """Bind the template for ``key`` to A and B and check, on the batch ``x``, that the graph reproduces
+    both models' outputs. A cached template that does not is exported afresh; a model B that computes a
+    different function of its tensors than model A's graph is an error. The taps of ``x`` are kept in
+    ``pair.first``."""
+    for fresh in (key not in _TEMPLATES, True):
+        pair = _Pair(_template(key, spec, a, x, fresh), a, b)
+        oa, ob, out_a, out_b = pair.run(x)
+        why = _disagreement(out_a, a, x)
+        if why is None:
+            break
+        _TEMPLATES.pop(key, None)
+        if fresh:
+            raise ValueError(f"model A's exported graph does not reproduce its output on a batch of shape "
+                             f"{tuple(x.shape)} ({why}); activation matching needs a model that computes the "
+                             "same function in eval mode every time it runs")
+    why = _disagreement(out_b, b, x)
+    if why is not None:
+        raise SpecMismatchError(f"model B does not compute the same function of its tensors as model A ({why} "
+                                "when B's tensors run through A's graph): the models share a spec but not an "
+                                "architecture. Align models of one architecture, or use method='weight'")
+    pair.first = (oa, ob)
+    return pair
+
+
 def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loader: Iterable, *,
                         num_samples: int | None = None, device=None, progress: bool = False, seed: int = 0,
                         max_iter: int = 100, similarity: str = "pearson"):
@@ -199,8 +391,10 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
     dev = torch.device(device) if device is not None else dev_a
     if dev != dev_a:  # compute where asked, on copies (the caller's models stay where they are)
         a, b = copy.deepcopy(a).to(dev), copy.deepcopy(b).to(dev)
-    cache: dict[tuple, _Taps] = {}
+    structure = None
+    pairs: dict[tuple, _Pair] = {}
     moments: dict[str, _Moments] = {}
+    pool: dict = {}
     seen = 0
     bar = None
     if progress:
@@ -216,22 +410,22 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             x = x[: num_samples - seen]
         if x.shape[0] == 0:
             break
-        shape = tuple(x.shape)
-        if shape not in cache:
-            try:
-                cache[shape] = _Taps(spec, a, b, x)
-            except Exception as e:
-                raise ValueError(f"a batch of shape {shape} does not fit the model "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-        taps = cache[shape]
-        oa, ob = taps.run(x)
-        for g, lst in taps.taps.items():
-            n = spec.groups[g].size
-            m = moments.setdefault(g, _Moments(n, dev))
+        shape = (tuple(x.shape), x.dtype)
+        if shape not in pairs:
+            if structure is None:
+                structure = (spec.fingerprint(), _structure(a))
+            pairs[shape] = pair = _checked_pair(structure + shape + (str(dev),), spec, a, b, x)
+            oa, ob = pair.first
+            del pair.first
+        else:
+            oa, ob, _, _ = pairs[shape].run(x)
+        for g, lst in pairs[shape].tpl.taps.items():
+            m = moments.get(g)
+            if m is None:
+                m = moments[g] = _Moments(spec.groups[g].size, dev, pool)
             for name, dim in lst:
-                xa = oa[name].movedim(dim, -1).reshape(-1, n)
-                xb = ob[name].movedim(dim, -1).reshape(-1, n)
-                m.update(xa, xb)
+                m.update(oa[name], ob[name], dim)
+        del oa, ob
         seen += x.shape[0]
         if bar is not None:
             bar.update(x.shape[0])
@@ -239,14 +433,18 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             break
     if bar is not None:
         bar.close()
+    pool.clear()
     if seen == 0:
         raise ValueError("the loader yielded no inputs")
     perm = {g: torch.arange(grp.size) for g, grp in spec.groups.items()}
     diag = {}
     degenerate: dict[str, torch.Tensor] = {}
+    sims = {g: m.similarity(similarity) for g, m in moments.items()}
+    # the solver releases the GIL: solve the groups' assignments side by side
+    with ThreadPoolExecutor(max_workers=max(1, min(len(sims), os.cpu_count() or 1))) as ex:
+        solved = dict(zip(sims, ex.map(assign, sims.values())))
     for g, m in moments.items():
-        s = m.similarity(similarity)
-        p = assign(s)
+        s, p = sims[g], solved[g]
         # units constant on the data (dead ReLUs) cannot be told apart by activations: weights decide
         dead_a, dead_b = m.constant_units()
         rows = (dead_a | dead_b[p]).nonzero().squeeze(1).cpu()
