@@ -56,12 +56,15 @@ def _match_trees(t_new: Tree, t_spec: Tree, mapping: dict[str, str]) -> None:
 
 
 class _Template:
-    """The exported graph of model A for one input shape, cut down to the tapped activations.
+    """Model A's exported graph for one input shape, as a graph that runs A and B side by side.
 
-    The template keeps the graph and the constants the graph creates, never the model's tensors: ``bind``
-    attaches a model's parameters and buffers (no copy), so one template serves every pair of models with
-    the same structure. The graph returns the taps and then the model's outputs, which ``activation_matching``
-    compares with the models' own forward pass on the first batch before trusting the taps.
+    The paired graph computes each node of A's graph for A and then for B, and as soon as a tapped
+    activation exists on both sides it hands the two to a sink (the streaming moments), after which the
+    tensors are freed: only one layer's activations are alive at a time. The graph returns both models'
+    outputs, which ``activation_matching`` compares with the models' own forward passes on the first batch
+    before trusting the taps. The template keeps the graph and the constants the graph creates, never the
+    models' tensors (``bind`` attaches them, without copies), so one template serves every pair of models
+    with the same structure.
     """
 
     def __init__(self, spec: PermutationSpec, a: nn.Module, x: torch.Tensor):
@@ -94,33 +97,67 @@ class _Template:
             elif cat == cur[0]:
                 cur[1].append((node.name, grouped[0]))
         self.taps = {g: v[1] for g, v in best.items()}
-        self.order = sorted({n for taps in self.taps.values() for n, _ in taps})
-        self.graph = _cut(ep.module(), self.order)
+        # tapped node -> (group, dim) of every group it feeds
+        self.slots: dict[str, list[tuple[str, int]]] = {}
+        for g, lst in self.taps.items():
+            for name, dim in lst:
+                self.slots.setdefault(name, []).append((g, dim))
+        gm = ep.module()
+        self.graph = _paired(gm, set(self.slots))
         own = _named_tensors(a)
         self.targets: list[str] = []
         self.extras: dict[str, object] = {}  # what the graph reads that is not a model tensor (constants)
-        gm = ep.module()
-        for node in self.graph.nodes:
+        for node in gm.graph.nodes:
             if node.op in ("get_attr", "call_module") and node.target not in self.targets:
                 self.targets.append(node.target)
                 if node.target not in own:
                     self.extras[node.target] = _getattr_path(gm, node.target)
 
-    def bind(self, model: nn.Module, which: str) -> torch.fx.GraphModule:
-        """The cut graph reading ``model``'s own parameters and buffers."""
-        own = _named_tensors(model)
-        root = {}
-        for t in self.targets:
-            if t in own:
-                root[t] = own[t]
-            elif t in self.extras:
-                root[t] = self.extras[t]
-            else:
-                raise SpecMismatchError(f"model {which} has no tensor {t!r}, which model A's graph reads; "
-                                        "align two models of the same architecture")
-        gm = torch.fx.GraphModule(root, copy.deepcopy(self.graph))
-        gm.eval()
+        self._idle: torch.fx.GraphModule | None = None  # a compiled paired module, bound to no model
+
+    def bind(self, a: nn.Module, b: nn.Module) -> torch.fx.GraphModule:
+        """The paired graph reading A's and B's own parameters and buffers (no copies). Hand it back with
+        ``release`` when done: the compiled module is then reused by the next call, unbound."""
+        root: dict[str, object] = {}
+        for side, model in (("a", a), ("b", b)):
+            own = _named_tensors(model)
+            for t in self.targets:
+                if t in own:
+                    root[f"{side}.{t}"] = own[t]
+                elif t in self.extras:
+                    root[f"{side}.{t}"] = self.extras[t]
+                else:
+                    raise SpecMismatchError(f"model {side.upper()} has no tensor {t!r}, which model A's graph "
+                                            "reads; align two models of the same architecture")
+        gm, self._idle = self._idle, None
+        if gm is None:
+            root["sink"] = _Sink()
+            gm = torch.fx.GraphModule(root, copy.deepcopy(self.graph))
+            gm.eval()
+        else:
+            for path, value in root.items():
+                _set_path(gm, path, value)
         return gm
+
+    def release(self, gm: torch.fx.GraphModule) -> None:
+        for side in ("a", "b"):
+            for t in self.targets:
+                _set_path(gm, f"{side}.{t}", None)
+        gm.sink.fn = None
+        self._idle = gm
+
+
+def _set_path(root: nn.Module, path: str, value) -> None:
+    """Rebind the tensor (or module) at ``path``, keeping whether it is a parameter, buffer or attribute."""
+    *parents, name = path.split(".")
+    mod = root
+    for part in parents:
+        mod = getattr(mod, part)
+    for table in (mod._parameters, mod._buffers, mod._modules):
+        if name in table:
+            table[name] = value
+            return
+    object.__setattr__(mod, name, value)
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -135,17 +172,30 @@ def _getattr_path(obj, path: str):
     return obj
 
 
-def _cut(gm: torch.fx.GraphModule, names: list[str]) -> torch.fx.Graph:
-    """A copy of ``gm``'s graph computing the named nodes and the model's outputs, returned as one flat tuple."""
-    graph = copy.deepcopy(gm.graph)
-    graph._codegen = torch.fx.graph.CodeGen()
-    nodes = {n.name: n for n in graph.nodes}
-    out = next(n for n in graph.nodes if n.op == "output")
-    leaves = [n for n in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(n, torch.fx.Node)]
-    out.args = (tuple(nodes[n] for n in names) + tuple(leaves),)
-    owner = torch.fx.GraphModule(gm, graph)  # dead-code elimination asks the owning module what is pure
-    owner.graph.eliminate_dead_code()
-    return copy.deepcopy(owner.graph)  # a copy owned by nothing: the template holds no model tensors
+def _paired(gm: torch.fx.GraphModule, taps: set[str]) -> torch.fx.Graph:
+    """A graph running ``gm``'s graph for models ``a.*`` and ``b.*`` node by node, calling the ``sink``
+    module with ``(name, a's value, b's value)`` right after each tapped node, and returning
+    ``(a's outputs, b's outputs)`` as flat tuples."""
+    pg = torch.fx.Graph()
+    env: tuple[dict, dict] = ({}, {})
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[0][node] = env[1][node] = pg.node_copy(node)
+        elif node.op == "output":
+            leaves = [n for n in torch.utils._pytree.tree_leaves(node.args[0]) if isinstance(n, torch.fx.Node)]
+            pg.output(tuple(tuple(env[side][n] for n in leaves) for side in (0, 1)))
+        elif node.op == "call_module" and node.target == "_guards_fn":
+            continue  # torch.export's input-shape guard: the template is keyed by the input shape
+        else:
+            for side, prefix in ((0, "a."), (1, "b.")):
+                new = pg.node_copy(node, lambda n, _s=side: env[_s][n])
+                if node.op in ("get_attr", "call_module"):
+                    new.target = prefix + node.target
+                env[side][node] = new
+            if node.name in taps:
+                pg.call_module("sink", (node.name, env[0][node], env[1][node]))
+    pg.lint()
+    return pg
 
 
 # structure of a model: what must agree for one exported graph to serve another model
@@ -195,27 +245,44 @@ def _mismatch(got: tuple, want: list[torch.Tensor]) -> str | None:
     for g, w in zip(got, want):
         if g.shape != w.shape:
             return f"output shape {tuple(g.shape)} against {tuple(w.shape)}"
+        tol = 1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4
         w, g = w.double(), g.double()
         scale = float(w.abs().max()) if w.numel() else 0.0
-        tol = (1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4) * max(scale, 1e-6)
+        tol *= max(scale, 1e-6)
         err = float((g - w).abs().max()) if w.numel() else 0.0
         if not err <= tol:  # also catches NaN
             return f"largest difference {err:.3g} (output scale {scale:.3g})"
     return None
 
 
+class _Sink(nn.Module):
+    """Receives the tapped activations of both models while the paired graph runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fn = None
+
+    def forward(self, name: str, ta: torch.Tensor, tb: torch.Tensor) -> None:
+        self.fn(name, ta, tb)
+
+
 class _Pair:
-    """A template bound to models A and B."""
+    """A template bound to models A and B (``close`` unbinds it)."""
 
     def __init__(self, tpl: _Template, a: nn.Module, b: nn.Module):
         self.tpl = tpl
-        self.gm_a, self.gm_b = tpl.bind(a, "A"), tpl.bind(b, "B")
+        self.gm = tpl.bind(a, b)
 
-    def run(self, x: torch.Tensor):
+    def run(self, x: torch.Tensor, sink) -> tuple[tuple, tuple]:
+        """Both models' outputs on ``x``; each tapped activation pair goes to ``sink(name, ta, tb)``."""
+        self.gm.sink.fn = sink
         with torch.no_grad():
-            oa, ob = self.gm_a(x), self.gm_b(x)
-        k = len(self.tpl.order)
-        return dict(zip(self.tpl.order, oa[:k])), dict(zip(self.tpl.order, ob[:k])), oa[k:], ob[k:]
+            return self.gm(x)
+
+    def close(self) -> None:
+        if self.gm is not None:
+            self.tpl.release(self.gm)
+            self.gm = None
 
 
 class _Moments:
@@ -238,55 +305,72 @@ class _Moments:
         self.shift_a: torch.Tensor | None = None
         self.shift_b: torch.Tensor | None = None
         self.s = torch.zeros(n + 1, n + 1, **z)
-        self.chunk: torch.Tensor | None = None  # products of the rows not yet added to ``s``
-        self.pending = 0  # rows in ``chunk``
         self.saa = torch.zeros(n, **z)
         self.sbb = torch.zeros(n, **z)
+        # sums over the rows not yet added to the float64 accumulators, in the activations' dtype
+        self.chunk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.pending = 0  # rows in ``chunk``
+        self._key: tuple | None = None
+        self._bufs: tuple | None = None
 
-    def _buffers(self, rows: int, dtype, device):
+    def _buffers(self, rows: int, dtype, device) -> tuple:
         key = (rows, self.n, dtype, device)
         if key not in self.pool:
             ld = -(-(self.n + 1) // 16) * 16  # a row length that keeps rows aligned for the matrix product
-            bufs = []
+            full = []
             for _ in range(2):
                 buf = torch.empty(rows, ld, dtype=dtype, device=device)
                 buf[:, self.n:] = 1.0
-                bufs.append(buf[:, : self.n + 1])
-            self.pool[key] = tuple(bufs)
-        return self.pool[key]
+                full.append(buf[:, : self.n + 1])
+            ones = torch.ones(rows, dtype=dtype, device=device)
+            self.pool[key] = (full[0], full[1], full[0][:, : self.n], full[1][:, : self.n], ones)
+        self._key, self._bufs = (rows, dtype), self.pool[key]
+        return self._bufs
 
     def update(self, ta: torch.Tensor, tb: torch.Tensor, dim: int) -> None:
         """Add one batch: ``ta``/``tb`` carry the units on ``dim``; every other dim is a sample dim."""
-        n = self.n
-        ta, tb = ta.movedim(dim, -1), tb.movedim(dim, -1)
+        if dim != ta.ndim - 1:
+            ta, tb = ta.movedim(dim, -1), tb.movedim(dim, -1)
         if self.shift_a is None:
             sample_dims = tuple(range(ta.ndim - 1))
             self.shift_a, self.shift_b = ta.mean(sample_dims), tb.mean(sample_dims)
-        rows = ta.numel() // n
-        ba, bb = self._buffers(rows, ta.dtype, ta.device)
-        va, vb = ba[:, :n], bb[:, :n]
-        torch.sub(ta, self.shift_a, out=va.view(ta.shape))  # one pass: shift, and gather to rows x units
-        torch.sub(tb, self.shift_b, out=vb.view(tb.shape))
-        if self.pending == 0:
-            if self.chunk is None or self.chunk.dtype != ta.dtype:
-                self.chunk = torch.empty(n + 1, n + 1, dtype=ta.dtype, device=ta.device)
-            torch.mm(ba.T, bb, out=self.chunk)
+        rows = ta.numel() // self.n
+        if self._key == (rows, ta.dtype) and self.pool:
+            ba, bb, va, vb, ones = self._bufs
         else:
-            self.chunk.addmm_(ba.T, bb)
+            ba, bb, va, vb, ones = self._buffers(rows, ta.dtype, ta.device)
+        # one pass per side: shift, and gather into rows x units (beside the column of ones)
+        torch.sub(ta, self.shift_a, out=va if ta.ndim == 2 else va.view(ta.shape))
+        torch.sub(tb, self.shift_b, out=vb if tb.ndim == 2 else vb.view(tb.shape))
+        if self.pending == 0:
+            if self.chunk is None or self.chunk[0].dtype != ta.dtype:
+                self.chunk = (torch.empty(self.n + 1, self.n + 1, dtype=ta.dtype, device=ta.device),
+                              torch.empty(self.n, dtype=ta.dtype, device=ta.device),
+                              torch.empty(self.n, dtype=ta.dtype, device=ta.device))
+            prod, qa, qb = self.chunk
+            torch.mm(ba.T, bb, out=prod)
+            torch.mv(va.square_().T, ones, out=qa)  # sums of squares: the squares times a column of ones
+            torch.mv(vb.square_().T, ones, out=qb)
+        else:
+            prod, qa, qb = self.chunk
+            prod.addmm_(ba.T, bb)
+            qa.addmv_(va.square_().T, ones)
+            qb.addmv_(vb.square_().T, ones)
         self.pending += rows
+        self.count += rows
         if self.pending >= self.CHUNK_ROWS or ta.dtype.itemsize < 4:
             self._flush()
-        self.saa += va.square_().sum(0)
-        self.sbb += vb.square_().sum(0)
-        self.count += rows
 
-    # float32 products are summed over at least this many sample rows (one batch, or a few small ones)
-    # before they are added to the float64 accumulators; half-precision products are added every batch
+    # float32 sums run over at least this many sample rows (one batch, or a few small ones) before they
+    # are added to the float64 accumulators; half-precision sums are added after every batch
     CHUNK_ROWS = 4096
 
     def _flush(self) -> None:
         if self.pending:
-            self.s += self.chunk
+            prod, qa, qb = self.chunk
+            self.s += prod
+            self.saa += qa
+            self.sbb += qb
             self.pending = 0
 
     def _stats(self):
@@ -352,15 +436,20 @@ def _disagreement(got: tuple, model: nn.Module, x: torch.Tensor) -> str | None:
     return _mismatch(got, want)
 
 
-def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module, x: torch.Tensor) -> _Pair:
-    """Bind the template for ``key`` to A and B and check, on the batch ``x``, that the graph reproduces
-    both models' outputs. A cached template that does not is exported afresh; a model B that computes a
-    different function of its tensors than model A's graph is an error. The taps of ``x`` are kept in
-    ``pair.first``."""
+def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module,
+                  x: torch.Tensor) -> tuple[_Pair, list[tuple]]:
+    """Bind the template for ``key`` to A and B, run the batch ``x`` and check that the graph reproduces
+    both models' outputs; returns the pair and the taps of ``x``. A cached template that does not is
+    exported afresh; a model B that computes a different function of its tensors than model A's graph is
+    an error."""
     for fresh in (key not in _TEMPLATES, True):
         pair = _Pair(_template(key, spec, a, x, fresh), a, b)
-        oa, ob, out_a, out_b = pair.run(x)
-        why = _disagreement(out_a, a, x)
+        held: list[tuple] = []
+        try:
+            out_a, out_b = pair.run(x, lambda *t: held.append(t))
+            why = _disagreement(out_a, a, x)
+        finally:
+            pair.close()
         if why is None:
             break
         _TEMPLATES.pop(key, None)
@@ -373,8 +462,7 @@ def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module,
         raise SpecMismatchError(f"model B does not compute the same function of its tensors as model A ({why} "
                                 "when B's tensors run through A's graph): the models share a spec but not an "
                                 "architecture. Align models of one architecture, or use method='weight'")
-    pair.first = (oa, ob)
-    return pair
+    return _Pair(pair.tpl, a, b), held
 
 
 def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loader: Iterable, *,
@@ -404,35 +492,45 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             bar = tqdm(total=num_samples, desc="activation matching (inputs)", leave=False, unit="ex", disable=None)
         except ImportError:
             bar = None
-    for batch in loader:
-        x = _input(batch).to(dev)
-        if num_samples is not None:
-            x = x[: num_samples - seen]
-        if x.shape[0] == 0:
-            break
-        shape = (tuple(x.shape), x.dtype)
-        if shape not in pairs:
-            if structure is None:
-                structure = (spec.fingerprint(), _structure(a))
-            pairs[shape] = pair = _checked_pair(structure + shape + (str(dev),), spec, a, b, x)
-            oa, ob = pair.first
-            del pair.first
-        else:
-            oa, ob, _, _ = pairs[shape].run(x)
-        for g, lst in pairs[shape].tpl.taps.items():
+    slots: dict[str, list[tuple[str, int]]] = {}
+
+    def consume(name: str, ta: torch.Tensor, tb: torch.Tensor) -> None:
+        for g, dim in slots[name]:
             m = moments.get(g)
             if m is None:
                 m = moments[g] = _Moments(spec.groups[g].size, dev, pool)
-            for name, dim in lst:
-                m.update(oa[name], ob[name], dim)
-        del oa, ob
-        seen += x.shape[0]
+            m.update(ta, tb, dim)
+
+    try:
+        for batch in loader:
+            x = _input(batch).to(dev)
+            if num_samples is not None:
+                x = x[: num_samples - seen]
+            if x.shape[0] == 0:
+                break
+            shape = (tuple(x.shape), x.dtype)
+            pair = pairs.get(shape)
+            if pair is None:
+                if structure is None:
+                    structure = (spec.fingerprint(), _structure(a))
+                pairs[shape], held = _checked_pair(structure + shape + (str(dev),), spec, a, b, x)
+                slots = pairs[shape].tpl.slots
+                for t in held:
+                    consume(*t)
+                del held
+            else:
+                slots = pair.tpl.slots
+                pair.run(x, consume)
+            seen += x.shape[0]
+            if bar is not None:
+                bar.update(x.shape[0])
+            if num_samples is not None and seen >= num_samples:
+                break
+    finally:
+        for pair in pairs.values():
+            pair.close()
         if bar is not None:
-            bar.update(x.shape[0])
-        if num_samples is not None and seen >= num_samples:
-            break
-    if bar is not None:
-        bar.close()
+            bar.close()
     pool.clear()
     if seen == 0:
         raise ValueError("the loader yielded no inputs")
