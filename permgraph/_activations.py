@@ -446,7 +446,7 @@ def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module,
         pair = _Pair(_template(key, spec, a, x, fresh), a, b)
         held: list[tuple] = []
         try:
-            out_a, out_b = pair.run(x, lambda *t: held.append(t))
+            out_a, out_b = pair.run(x, lambda *t, _held=held: _held.append(t))
             why = _disagreement(out_a, a, x)
         finally:
             pair.close()
