@@ -103,15 +103,17 @@ class _Template:
             for name, dim in lst:
                 self.slots.setdefault(name, []).append((g, dim))
         gm = ep.module()
-        self.graph = _paired(gm, set(self.slots))
         own = _named_tensors(a)
-        self.targets: list[str] = []
+        self.targets: list[str] = []  # what the graph reads; side "a"/"b" reads target i as attribute a{i}/b{i}
         self.extras: dict[str, object] = {}  # what the graph reads that is not a model tensor (constants)
         for node in gm.graph.nodes:
+            if node.op == "call_module" and node.target == "_guards_fn":
+                continue
             if node.op in ("get_attr", "call_module") and node.target not in self.targets:
                 self.targets.append(node.target)
                 if node.target not in own:
                     self.extras[node.target] = _getattr_path(gm, node.target)
+        self.graph = _paired(gm, set(self.slots), {t: i for i, t in enumerate(self.targets)})
 
         self._idle: torch.fx.GraphModule | None = None  # a compiled paired module, bound to no model
 
@@ -121,11 +123,11 @@ class _Template:
         root: dict[str, object] = {}
         for side, model in (("a", a), ("b", b)):
             own = _named_tensors(model)
-            for t in self.targets:
+            for i, t in enumerate(self.targets):
                 if t in own:
-                    root[f"{side}.{t}"] = own[t]
+                    root[f"{side}{i}"] = own[t]
                 elif t in self.extras:
-                    root[f"{side}.{t}"] = self.extras[t]
+                    root[f"{side}{i}"] = self.extras[t]
                 else:
                     raise SpecMismatchError(f"model {side.upper()} has no tensor {t!r}, which model A's graph "
                                             "reads; align two models of the same architecture")
@@ -135,29 +137,25 @@ class _Template:
             gm = torch.fx.GraphModule(root, copy.deepcopy(self.graph))
             gm.eval()
         else:
-            for path, value in root.items():
-                _set_path(gm, path, value)
+            for name, value in root.items():
+                _rebind(gm, name, value)
         return gm
 
     def release(self, gm: torch.fx.GraphModule) -> None:
         for side in ("a", "b"):
-            for t in self.targets:
-                _set_path(gm, f"{side}.{t}", None)
+            for i in range(len(self.targets)):
+                _rebind(gm, f"{side}{i}", None)
         gm.sink.fn = None
         self._idle = gm
 
 
-def _set_path(root: nn.Module, path: str, value) -> None:
-    """Rebind the tensor (or module) at ``path``, keeping whether it is a parameter, buffer or attribute."""
-    *parents, name = path.split(".")
-    mod = root
-    for part in parents:
-        mod = getattr(mod, part)
-    for table in (mod._parameters, mod._buffers, mod._modules):
+def _rebind(root: nn.Module, name: str, value) -> None:
+    """Rebind the tensor (or module) ``name`` of ``root``, keeping whether it is a parameter or buffer."""
+    for table in (root._parameters, root._buffers, root._modules):
         if name in table:
             table[name] = value
             return
-    object.__setattr__(mod, name, value)
+    object.__setattr__(root, name, value)
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -172,10 +170,11 @@ def _getattr_path(obj, path: str):
     return obj
 
 
-def _paired(gm: torch.fx.GraphModule, taps: set[str]) -> torch.fx.Graph:
-    """A graph running ``gm``'s graph for models ``a.*`` and ``b.*`` node by node, calling the ``sink``
-    module with ``(name, a's value, b's value)`` right after each tapped node, and returning
-    ``(a's outputs, b's outputs)`` as flat tuples."""
+def _paired(gm: torch.fx.GraphModule, taps: set[str], index: dict[str, int]) -> torch.fx.Graph:
+    """A graph running ``gm``'s graph for models A and B node by node (reading the attribute ``target``
+    as ``a{index[target]}`` and ``b{index[target]}``), calling the ``sink`` module with ``(name, A's
+    value, B's value)`` right after each tapped node, and returning ``(A's outputs, B's outputs)`` as
+    flat tuples."""
     pg = torch.fx.Graph()
     env: tuple[dict, dict] = ({}, {})
     for node in gm.graph.nodes:
@@ -187,10 +186,10 @@ def _paired(gm: torch.fx.GraphModule, taps: set[str]) -> torch.fx.Graph:
         elif node.op == "call_module" and node.target == "_guards_fn":
             continue  # torch.export's input-shape guard: the template is keyed by the input shape
         else:
-            for side, prefix in ((0, "a."), (1, "b.")):
+            for side, prefix in ((0, "a"), (1, "b")):
                 new = pg.node_copy(node, lambda n, _s=side: env[_s][n])
                 if node.op in ("get_attr", "call_module"):
-                    new.target = prefix + node.target
+                    new.target = f"{prefix}{index[node.target]}"
                 env[side][node] = new
             if node.name in taps:
                 pg.call_module("sink", (node.name, env[0][node], env[1][node]))
@@ -298,15 +297,15 @@ class _Moments:
     """
 
     def __init__(self, n: int, device, pool: dict):
-        z = dict(dtype=torch.float64, device=device)
         self.n = n
         self.count = 0
         self.pool = pool  # work buffers shared by all groups of one call, keyed by shape and dtype
         self.shift_a: torch.Tensor | None = None
         self.shift_b: torch.Tensor | None = None
-        self.s = torch.zeros(n + 1, n + 1, **z)
-        self.saa = torch.zeros(n, **z)
-        self.sbb = torch.zeros(n, **z)
+        # float64 accumulators, created by the first flush: [xa 1]^T [xb 1], and the sums of squares
+        self.s: torch.Tensor | None = None
+        self.saa: torch.Tensor | None = None
+        self.sbb: torch.Tensor | None = None
         # sums over the rows not yet added to the float64 accumulators, in the activations' dtype
         self.chunk: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.pending = 0  # rows in ``chunk``
@@ -363,48 +362,51 @@ class _Moments:
 
     # float32 sums run over at least this many sample rows (one batch, or a few small ones) before they
     # are added to the float64 accumulators; half-precision sums are added after every batch
-    CHUNK_ROWS = 4096
+    CHUNK_ROWS = 16384
 
     def _flush(self) -> None:
         if self.pending:
             prod, qa, qb = self.chunk
-            self.s += prod
-            self.saa += qa
-            self.sbb += qb
+            if self.s is None:
+                self.s, self.saa, self.sbb = prod.double(), qa.double(), qb.double()
+            else:
+                self.s += prod
+                self.saa += qa
+                self.sbb += qb
             self.pending = 0
 
     def _stats(self):
+        """Count, means of the shifted values, variances, and the constant units of A and of B."""
         self._flush()
         n = max(self.count, 1)
-        ma, mb = self.s[: self.n, self.n] / n, self.s[self.n, : self.n] / n  # means of the shifted values
-        va = (self.saa / n - ma * ma).clamp_min(0)
-        vb = (self.sbb / n - mb * mb).clamp_min(0)
-        return n, ma, mb, va, vb
+        ma, mb = self.s[: self.n, self.n] / n, self.s[self.n, : self.n] / n
+        va = (self.saa / n - ma * ma).clamp_min_(0)
+        vb = (self.sbb / n - mb * mb).clamp_min_(0)
+        # units whose activation is (numerically) constant on the data
+        da = va <= 1e-7 * ((ma + self.shift_a.double()) ** 2 + va) + 1e-30
+        db = vb <= 1e-7 * ((mb + self.shift_b.double()) ** 2 + vb) + 1e-30
+        return n, ma, mb, va, vb, da, db
 
     def constant_units(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Units whose activation is (numerically) constant on the data, in A and in B."""
-        n, ma, mb, va, vb = self._stats()
-        ea = (ma + self.shift_a.double()) ** 2 + va
-        eb = (mb + self.shift_b.double()) ** 2 + vb
-        return va <= 1e-7 * ea + 1e-30, vb <= 1e-7 * eb + 1e-30
+        return self._stats()[5:]
 
     def similarity(self, kind: str) -> torch.Tensor:
-        n, ma, mb, va, vb = self._stats()
-        cov = self.s[: self.n, : self.n] / n - ma[:, None] * mb[None, :]
+        n, ma, mb, va, vb, da, db = self._stats()
+        out = self.s[: self.n, : self.n] / n
+        out.addr_(ma, mb, alpha=-1.0)  # the covariance
         if kind == "pearson":
-            da, db = self.constant_units()
-            sim = cov / (va.sqrt()[:, None] * vb.sqrt()[None, :]).clamp_min(1e-30)
-            sim[da, :] = 0.0
-            sim[:, db] = 0.0
-            return sim.clamp(-1.0, 1.0)
-        sa, sb = self.shift_a.double(), self.shift_b.double()
-        ua, ub = ma + sa, mb + sb  # true means
-        inner = cov + ua[:, None] * ub[None, :]
+            # constant units get 0 against every unit
+            ia = torch.where(da, 0.0, va.rsqrt())
+            ib = torch.where(db, 0.0, vb.rsqrt())
+            return out.mul_(ia[:, None]).mul_(ib[None, :]).clamp_(-1.0, 1.0)
+        ua, ub = ma + self.shift_a.double(), mb + self.shift_b.double()  # the true means
+        out.addr_(ua, ub)  # the inner products (per sample)
         if kind == "inner":
-            return inner
-        na = (va + ua * ua).sqrt()
-        nb = (vb + ub * ub).sqrt()
-        return inner / (na[:, None] * nb[None, :]).clamp_min(1e-30)
+            return out
+        ia = (va + ua * ua).sqrt().clamp_min_(1e-30).reciprocal_()
+        ib = (vb + ub * ub).sqrt().clamp_min_(1e-30).reciprocal_()
+        return out.mul_(ia[:, None]).mul_(ib[None, :])
 
 
 def _input(batch):
