@@ -47,7 +47,7 @@ Usage::
 
     python benchmarks/align.py [--parts weight,rebasin,activation,memory] [--models resnet18,vit]
                                [--act resnet18:250,mlp:250,mlp:1000]
-                               [--repeats 3] [--threads 1] [--markdown out.md]
+                               [--repeats 3] [--threads 1] [--device cpu] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -356,11 +356,20 @@ def act_models(kind: str):
     return a, b, (40,)
 
 
+DEVICE = torch.device("cpu")  # --device: where the activation part runs
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def forward_passes(a, b, batches) -> None:
     with torch.no_grad():
         for x in batches:
             a(x)
             b(x)
+    sync()
 
 
 def tap_shapes(al) -> list[tuple[int, int]]:
@@ -370,8 +379,9 @@ def tap_shapes(al) -> list[tuple[int, int]]:
 
 def bench_activation(kind: str, repeats: int, num: int = 10000, batch: int = 250) -> dict:
     a, b, shape = act_models(kind)
-    spec = permgraph.trace(a, torch.randn(2, *shape))
-    batches = list(random_batches(shape, num, batch))
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    spec = permgraph.trace(a, torch.randn(2, *shape, device=DEVICE))
+    batches = [x.to(DEVICE) for x in random_batches(shape, num, batch)]
     al = permgraph.align(a, b, "activation", batches, spec=spec, num_samples=num, progress=False)  # warm-up
     # the cross-moment products of every tap of every batch, at their real shapes
     taps = []
@@ -396,18 +406,21 @@ def bench_activation(kind: str, repeats: int, num: int = 10000, batch: int = 250
         gc.collect()
         t0 = time.perf_counter()  # warm: the graph template of this architecture and shape is cached
         al = permgraph.align(a, b, "activation", batches, spec=spec, num_samples=num, progress=False)
+        sync()
         act.append(time.perf_counter() - t0)
         _activations._TEMPLATES.clear()
         gc.collect()
         t0 = time.perf_counter()  # cold: the first call for this architecture and shape (exports)
         permgraph.align(a, b, "activation", batches, spec=spec, num_samples=num, progress=False)
+        sync()
         cold.append(time.perf_counter() - t0)
-        ops = [(torch.randn(rows, n), torch.randn(rows, n)) for n, rows in taps]
+        ops = [(torch.randn(rows, n, device=DEVICE), torch.randn(rows, n, device=DEVICE)) for n, rows in taps]
         gc.collect()
         t0 = time.perf_counter()
         for _ in range(num // batch):
             for xa, xb in ops:
                 xa.T @ xb
+        sync()
         prod.append(time.perf_counter() - t0)
         print(f"  [activation {kind}] repeat {r + 1}: forward {fwd[-1]:.3f}s, align {act[-1]:.3f}s "
               f"(cold {cold[-1]:.3f}s), products {prod[-1]:.3f}s, load {loads[-1]:.1f}", file=sys.stderr,
@@ -636,6 +649,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rebasin-repeats", type=int, default=5,
                     help="repeats of the rebasin comparison (its iteration count varies with its random order)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    ap.add_argument("--device", default="cpu", help="device of the activation part (e.g. cuda)")
     ap.add_argument("--markdown", metavar="OUT.md")
     ap.add_argument("--json", metavar="OUT.json")
     ap.add_argument("--profile", action="store_true", help="print cProfile summaries of the slowest parts")
@@ -646,6 +660,8 @@ def main(argv=None) -> int:
         print(json.dumps(memory_child(kind, int(num), what)))
         return 0
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     warnings.filterwarnings("ignore")
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     print(f"permgraph {permgraph.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
