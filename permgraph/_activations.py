@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -131,7 +132,8 @@ class _Template:
                 else:
                     raise SpecMismatchError(f"model {side.upper()} has no tensor {t!r}, which model A's graph "
                                             "reads; align two models of the same architecture")
-        gm, self._idle = self._idle, None
+        with _LOCK:  # one caller at a time takes the idle module; another builds its own
+            gm, self._idle = self._idle, None
         if gm is None:
             root["sink"] = _Sink()
             gm = torch.fx.GraphModule(root, copy.deepcopy(self.graph))
@@ -146,7 +148,8 @@ class _Template:
             for i in range(len(self.targets)):
                 _rebind(gm, f"{side}{i}", None)
         gm.sink.fn = None
-        self._idle = gm
+        with _LOCK:
+            self._idle = gm
 
 
 def _rebind(root: nn.Module, name: str, value) -> None:
@@ -206,6 +209,7 @@ def _structure(model: nn.Module) -> tuple:
 
 _TEMPLATES: OrderedDict[tuple, _Template] = OrderedDict()
 _MAX_TEMPLATES = 8
+_LOCK = threading.Lock()
 
 
 def _template(key: tuple, spec: PermutationSpec, a: nn.Module, x: torch.Tensor, fresh: bool) -> _Template:
