@@ -148,3 +148,14 @@ def test_model_b_of_another_architecture_with_the_same_tensors_is_an_error():
     b.load_state_dict(a.state_dict())
     with pytest.raises(SpecMismatchError, match="does not compute the same function"):
         permgraph.align(a, b, "activation", [torch.randn(16, 8)], spec=spec, progress=False)
+
+
+def test_output_check_tolerates_matching_nan_and_inf_but_not_a_one_sided_nan():
+    from permgraph._activations import _mismatch
+
+    w = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
+    assert _mismatch((w.clone(),), [w]) is None
+    assert _mismatch((w + 1e-7,), [w]) is None
+    assert _mismatch((torch.tensor([1.0, 0.0, float("inf"), -2.0]),), [w]) is not None
+    assert _mismatch((torch.tensor([1.0, float("nan"), float("inf"), -2.1]),), [w]) is not None
+    assert "shape" in _mismatch((torch.zeros(3),), [w])
