@@ -475,6 +475,11 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
 
     Returns:
         an Alignment mapping B's units onto A's: ``alignment.apply(b)`` is B reordered (same function).
+
+    Activation matching exports A's graph once per architecture and input shape and keeps it (without any
+    model tensors) for later calls; on the first batch of each call it checks that the graph reproduces
+    both models' outputs. A model B whose forward computes a different function of the same tensors
+    raises ``SpecMismatchError``.
     """
     if method not in ("weight", "activation"):
         raise ValueError(f"method must be 'weight' or 'activation', got {method!r}")
