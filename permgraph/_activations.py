@@ -212,6 +212,11 @@ _MAX_TEMPLATES = 8
 _LOCK = threading.Lock()
 
 
+def _does_not_fit(x: torch.Tensor, e: Exception) -> ValueError:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return ValueError(f"a batch of shape {tuple(x.shape)} does not fit the model ({type(e).__name__}: {first})")
+
+
 def _template(key: tuple, spec: PermutationSpec, a: nn.Module, x: torch.Tensor, fresh: bool) -> _Template:
     """The cached template for ``key`` (or a freshly exported one), most recently used last."""
     if not fresh and key in _TEMPLATES:
@@ -220,8 +225,7 @@ def _template(key: tuple, spec: PermutationSpec, a: nn.Module, x: torch.Tensor, 
     try:
         tpl = _Template(spec, a, x)
     except Exception as e:
-        raise ValueError(f"a batch of shape {tuple(x.shape)} does not fit the model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        raise _does_not_fit(x, e) from e
     _TEMPLATES[key] = tpl
     while len(_TEMPLATES) > _MAX_TEMPLATES:
         _TEMPLATES.popitem(last=False)
@@ -230,14 +234,11 @@ def _template(key: tuple, spec: PermutationSpec, a: nn.Module, x: torch.Tensor, 
 
 def _model_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The model's output tensors (pytree leaves) in eval mode; the train/eval flags are restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
+    from ._trace import kept_modes
+
+    with kept_modes(model), torch.no_grad():
         model.eval()
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for m, t in flags:
-            m.training = t
+        out = model(x)
     return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
@@ -441,38 +442,40 @@ def _disagreement(got: tuple, model: nn.Module, x: torch.Tensor) -> str | None:
     try:
         want = _model_outputs(model, x)
     except Exception as e:
-        raise ValueError(f"a batch of shape {tuple(x.shape)} does not fit the model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+        raise _does_not_fit(x, e) from e
     return _mismatch(got, want)
 
 
 def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module,
                   x: torch.Tensor) -> tuple[_Pair, list[tuple]]:
     """Bind the template for ``key`` to A and B, run the batch ``x`` and check that the graph reproduces
-    both models' outputs; returns the pair and the taps of ``x``. A cached template that does not is
-    exported afresh; a model B that computes a different function of its tensors than model A's graph is
-    an error."""
+    both models' outputs; returns the pair (still bound) and the taps of ``x``. A cached template that
+    does not is exported afresh; a model B that computes a different function of its tensors than model
+    A's graph is an error."""
     for fresh in (key not in _TEMPLATES, True):
         pair = _Pair(_template(key, spec, a, x, fresh), a, b)
         held: list[tuple] = []
         try:
             out_a, out_b = pair.run(x, lambda *t, _held=held: _held.append(t))
             why = _disagreement(out_a, a, x)
-        finally:
+            if why is None:
+                why_b = _disagreement(out_b, b, x)
+                if why_b is not None:
+                    raise SpecMismatchError(
+                        f"model B does not compute the same function of its tensors as model A ({why_b} when "
+                        "B's tensors run through A's graph): the models share a spec but not an architecture. "
+                        "Align models of one architecture, or use method='weight'")
+                return pair, held
+        except BaseException:
             pair.close()
-        if why is None:
-            break
+            raise
+        pair.close()
         _TEMPLATES.pop(key, None)
         if fresh:
             raise ValueError(f"model A's exported graph does not reproduce its output on a batch of shape "
                              f"{tuple(x.shape)} ({why}); activation matching needs a model that computes the "
                              "same function in eval mode every time it runs")
-    why = _disagreement(out_b, b, x)
-    if why is not None:
-        raise SpecMismatchError(f"model B does not compute the same function of its tensors as model A ({why} "
-                                "when B's tensors run through A's graph): the models share a spec but not an "
-                                "architecture. Align models of one architecture, or use method='weight'")
-    return _Pair(pair.tpl, a, b), held
+    raise AssertionError("unreachable: the second try exports afresh")
 
 
 def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loader: Iterable, *,
@@ -583,7 +586,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             perm = dict(perm2)
             log += log2
             for g in degenerate:
-                s = moments[g].similarity(similarity)
+                s = sims[g]
                 ar = torch.arange(len(perm[g]))
                 diag[g].update({"similarity_after": float(s[ar, perm[g]].mean()),
                                 "moved_fraction": float((perm[g] != ar).float().mean()),

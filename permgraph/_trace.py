@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import networkx as nx
 import torch
@@ -419,12 +420,22 @@ def resolve_inputs(model: nn.Module, example_inputs) -> tuple:
     return _as_tuple(example_inputs)
 
 
-def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """torch.export in eval mode, restoring the caller's train/eval flags afterwards."""
+@contextlib.contextmanager
+def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore the train/eval flag of every submodule of ``model`` on exit, whatever the body set."""
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        yield model
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """torch.export in eval mode, restoring the caller's train/eval flags afterwards."""
+    try:
+        with kept_modes(model), torch.no_grad():
+            model.eval()
             return torch.export.export(model, example_inputs, strict=False)
     except Exception as e:  # torch.export raises many types; re-raise as one permgraph error
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -433,9 +444,6 @@ def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProg
             "permgraph needs a model that torch.export can capture (no data-dependent Python control flow, "
             "no unsupported Python constructs); check the example inputs' shapes, or rewrite the named "
             "construct with torch ops.") from e
-    finally:
-        for m, t in flags:
-            m.training = t
 
 
 def _tied_keys(model: nn.Module) -> dict[str, str]:

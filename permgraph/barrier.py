@@ -92,12 +92,13 @@ def _inputs(batch):
 def _passes(model: nn.Module, loader: Iterable, num_batches: int | None, device, hooks=(), train: bool = False):
     """Run ``model`` over ``loader`` (no grad) with forward ``hooks`` ({module: fn}) registered, in eval
     mode (or train mode); the hooks are removed and train/eval flags restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
+    from ._trace import kept_modes
+
     handles = [m.register_forward_hook(fn) for m, fn in dict(hooks).items()]
     dev = device or next(model.parameters()).device
     try:
-        model.train(train)
-        with torch.no_grad():
+        with kept_modes(model), torch.no_grad():
+            model.train(train)
             for i, batch in enumerate(loader):
                 if num_batches is not None and i >= num_batches:
                     break
@@ -105,8 +106,6 @@ def _passes(model: nn.Module, loader: Iterable, num_batches: int | None, device,
     finally:
         for h in handles:
             h.remove()
-        for m, t in flags:
-            m.training = t
 
 
 class _ChannelMoments:
