@@ -58,7 +58,7 @@ def mnist1d_models():
     def mlp(seed):
         return permgraph.train(lambda: models.create("mlp", in_features=40, width=128, depth=2), d, epochs=10,
                                lr=0.05, batch_size=128, weight_decay=0.0, schedule="constant", init_seed=seed,
-                               data_seed=seed, progress=False)["model"].eval()
+                               data_seed=seed, progress=False).model.eval()
 
     return d, mlp(0), mlp(1)
 
@@ -82,7 +82,7 @@ def digits_case():
             return models.create("resnet20", width_multiplier=0.5, norm="bn", in_channels=1, input_size=8)
 
         return permgraph.train(make, d, epochs=2, lr=0.05, batch_size=64, init_seed=seed, data_seed=seed,
-                               progress=False)["model"].eval()
+                               progress=False).model.eval()
 
     return cnn(0), cnn(1), d.loader("train", 256, shuffle=False), "reset"
 

@@ -60,7 +60,7 @@ def main() -> int:
     d = data.get("fake", input_shape=(3, 32, 32), num_classes=10, n_train=512, n_test=256)
     out = permgraph.train(a, d, epochs=2, lr=0.05, batch_size=64, progress=False, device=dev,
                           mask=permgraph.prune.magnitude(a, 0.5))
-    m = out["model"]
+    m = out.model
     assert next(m.parameters()).device.type == dev.type
     curve = permgraph.barrier(m, b, d.loader("test", 128), alphas=5, bn="reset", progress=False)
     print("barrier (bn reset) on cuda:", json.dumps(curve.to_dict()["barrier"]))

@@ -17,19 +17,45 @@ import time
 BLOCK = re.compile(r"```python\n(.*?)```(\n\n```text\n(.*?)```)?", re.S)
 
 
-def run(path: str) -> list[tuple[re.Match, str, float]]:
+@contextlib.contextmanager
+def _session():
+    """The conditions the pages' outputs were recorded under (one torch thread, so that printed numbers
+    do not depend on the machine's core count), restored afterwards: the examples seed torch's global
+    random number generator and set the thread count, and the caller (a test suite, say) keeps its own."""
+    import random
+
+    import numpy as np
     import torch
 
-    torch.set_num_threads(1)
+    threads, dtype, py_state, np_state = torch.get_num_threads(), torch.get_default_dtype(), random.getstate(), \
+        np.random.get_state()
+    backend = sys.modules["matplotlib"].get_backend() if "matplotlib" in sys.modules else None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_num_threads(1)
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        if "matplotlib.pyplot" in sys.modules:  # the pages' figures, and the backend they chose
+            sys.modules["matplotlib.pyplot"].close("all")
+        if backend is not None:
+            sys.modules["matplotlib"].use(backend)
+
+
+def run(path: str) -> list[tuple[re.Match, str, float]]:
     src = open(path).read()
     ns = {"__name__": "__main__"}
     out = []
-    for m in BLOCK.finditer(src):
-        buf = io.StringIO()
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(buf):
-            exec(compile(m.group(1), f"{path}:block{len(out) + 1}", "exec"), ns)
-        out.append((m, buf.getvalue(), time.perf_counter() - t0))
+    with _session():
+        for m in BLOCK.finditer(src):
+            buf = io.StringIO()
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(buf):
+                exec(compile(m.group(1), f"{path}:block{len(out) + 1}", "exec"), ns)
+            out.append((m, buf.getvalue(), time.perf_counter() - t0))
     return out
 
 

@@ -16,12 +16,13 @@ The alignment method is ``matching.methods[0]``.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any
 
 import permgraph
 
-from .common import Context, fmt, md_table, mean_std, plt, save_figure
+from .common import Context, fmt, md_table, mean_std, plt, pm, save_figure
 from .store import write_json
 
 ALIGNMENTS = ("none", "dense", "level")
@@ -43,6 +44,17 @@ def imp_key(ctx: Context, seed: int) -> dict[str, Any]:
                     "exclude_classifier": spec.imp.exclude_classifier}, "seed": seed}
 
 
+def _levels_to_train(ctx: Context, seed: int) -> list[int]:
+    """The IMP levels of ``seed`` not yet in the store."""
+    d = ctx.store.network_dir(imp_key(ctx, seed))
+    return [lv for lv in range(ctx.spec.imp.levels + 1)
+            if not (d / f"level_{lv}" / "final.safetensors").exists()]
+
+
+def _trained_arms(spec) -> list[str]:
+    return [a for a in spec.imp.arms if a != "own"]  # "own" is B's own ticket: nothing to retrain
+
+
 def run_imp(ctx: Context, seed: int) -> permgraph.prune.IMPResult:
     """IMP of the network with ``seed`` (init and data order); finished levels are loaded from the store."""
     spec, t = ctx.spec, ctx.spec.train
@@ -51,10 +63,20 @@ def run_imp(ctx: Context, seed: int) -> permgraph.prune.IMPResult:
     if not (d / "key.json").exists():
         ctx.store.log(ctx.run_dir, f"IMP seed={seed} -> {d}")
         write_json(d / "key.json", key)
-    return permgraph.prune.imp(lambda: ctx.build(seed), ctx.data, levels=spec.imp.levels,
-                               fraction=spec.imp.fraction, rewind=spec.imp.rewind, epochs=t.epochs,
-                               init_seed=seed, data_seed=seed, exclude_classifier=spec.imp.exclude_classifier,
-                               store=str(d), progress=ctx.progress, device=ctx.device, **_train_kw(t))
+    todo = _levels_to_train(ctx, seed)
+    if not todo:
+        n = spec.imp.levels + 1
+        ctx.tracker.found(d, f"IMP (seed {seed}): all {n} levels", count=n)
+    data = ctx.data
+    training = (ctx.tracker.training(lambda j: f"IMP seed {seed}, level {todo[j - 1]}", t.epochs,
+                                     count=len(todo)) if todo else contextlib.nullcontext([]))
+    with ctx.fork_rng(), training as cbs:
+        res = permgraph.prune.imp(ctx.create, data, levels=spec.imp.levels, fraction=spec.imp.fraction,
+                                  rewind=spec.imp.rewind, epochs=t.epochs, init_seed=seed, data_seed=seed,
+                                  exclude_classifier=spec.imp.exclude_classifier, store=str(d),
+                                  progress=ctx.progress, device=ctx.device, callbacks=cbs, **_train_kw(t))
+    ctx.tracker.found(d)
+    return res
 
 
 def _imp_table(res: permgraph.prune.IMPResult) -> list[dict[str, Any]]:
@@ -117,10 +139,14 @@ def arms_unit(ctx: Context, sa: int, sb: int, level: int) -> list[dict[str, Any]
 
     def compute():
         imp_a, imp_b, model, perm_spec, match_loader = _pair_setup(ctx, sa, sb)
-        return permgraph.prune.transfer_arms(
-            model, imp_a, imp_b, ctx.data, spec=perm_spec, levels=[level], arms=list(spec.imp.arms),
-            method=_method(ctx), loader=match_loader, epochs=spec.train.epochs, data_seed=sb, seed=0,
-            progress=ctx.progress, device=ctx.device, align_kw=_align_kw(ctx), **_train_kw(spec.train))
+        arms = _trained_arms(spec)
+        with ctx.tracker.training(lambda j: f"seeds {sa}-{sb}, level {level}, arm {arms[j - 1]}",
+                                  spec.train.epochs, count=len(arms)) as cbs:
+            return permgraph.prune.transfer_arms(
+                model, imp_a, imp_b, ctx.data, spec=perm_spec, levels=[level], arms=list(spec.imp.arms),
+                method=_method(ctx), loader=match_loader, epochs=spec.train.epochs, data_seed=sb, seed=0,
+                progress=ctx.progress, device=ctx.device, align_kw=_align_kw(ctx), callbacks=cbs,
+                **_train_kw(spec.train))
 
     return ctx.unit(f"imp_arms_{sa}_{sb}_level{level}", compute)
 
@@ -153,13 +179,28 @@ def plan(ctx: Context) -> list[tuple[str, Any, list[str]]]:
 def run(ctx: Context) -> dict[str, Any]:
     spec = ctx.spec
     arm_levels = _arm_levels(spec)
+    # the networks this run trains: IMP levels not in the store, and the retrained arms of unfinished units
+    seeds = sorted({s for p in spec.seeds for s in p})
+    ctx.tracker.networks += sum(len(_levels_to_train(ctx, s)) for s in seeds)
+    ctx.tracker.networks += len(_trained_arms(spec)) * sum(
+        not ctx.store.unit_path(ctx.run_dir, f"imp_arms_{sa}_{sb}_level{lv}").exists()
+        for sa, sb in spec.seeds for lv in arm_levels)
     pairs = []
-    for sa, sb in spec.seeds:
-        pair = dict(barriers_unit(ctx, sa, sb))
-        pair["arms"] = [row for level in arm_levels for row in arms_unit(ctx, sa, sb, level)]
+    n_arms = len(spec.seeds) * len(arm_levels)
+    for i, (sa, sb) in enumerate(spec.seeds, 1):
+        with ctx.tracker.unit("IMP barriers", i, len(spec.seeds), f"seeds {sa}-{sb}, every level"):
+            pair = dict(barriers_unit(ctx, sa, sb))
+        pair["arms"] = []
+        for j, level in enumerate(arm_levels, 1):
+            with ctx.tracker.unit("mask transfer", (i - 1) * len(arm_levels) + j, n_arms,
+                                  f"seeds {sa}-{sb}, level {level}"):
+                pair["arms"] += arms_unit(ctx, sa, sb, level)
         pairs.append(pair)
+    with ctx.tracker.unit("control", 1, 1, "a network against a permuted copy of itself"):
+        control = control_unit(ctx)
+    ctx.tracker.finish(f"{len(pairs)} pairs")
     return {"method": _method(ctx), "arm_levels": arm_levels, "pairs": pairs, "summary": _summary(spec, pairs),
-            "controls": {"self_permuted": control_unit(ctx)}}
+            "controls": {"self_permuted": control}}
 
 
 def _summary(spec, pairs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -246,9 +287,13 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         for al in ("none", "dense"):
             rw = s["barriers"][split]["rewind"].get(al)
             row.append(f"{fmt(rw[i]['error']['mean'])}" if rw else "-")
+        for end in ("imp_a", "imp_b"):  # the endpoints A_L and B_L: test accuracy at the end of training
+            acc = [1 - r["test_error"] for p in results["pairs"] for r in p[end]
+                   if r["level"] == level and "test_error" in r]
+            row.append(pm(mean_std(acc)) if acc else "-")
         brows.append(row)
     bheader = ["level", "density"] + [f"{split} error barrier, {al}" for al in ALIGNMENTS] + \
-        ["rewind point, none", "rewind point, dense"]
+        ["rewind point, none", "rewind point, dense", "test accuracy A_L", "test accuracy B_L"]
     arm_names = [a for a in s["arms"] if s["arms"][a]]
     arows = []
     for level in results["arm_levels"]:
@@ -275,7 +320,8 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         "## Barriers along IMP",
         "`dense` = the permutation found between the dense trained A and B, applied at every level (the "
         "paper's claim: it aligns every level); `level` = a permutation found at that level; `none` = the "
-        "unaligned control. Rewind columns: A's and B's level masks applied to their rewind weights.",
+        "unaligned control. Rewind columns: A's and B's level masks applied to their rewind weights. Test "
+        "accuracy: of the endpoints A_L and B_L (the trained weights of that level).",
         md_table(bheader, brows),
         "![barrier vs density](imp_barriers.png)",
         "## Mask transfer (test accuracy of B retrained from its rewind point)",

@@ -19,7 +19,7 @@ import torch
 
 import permgraph
 
-from .common import Context, fmt, md_table, network_plan, plt, save_figure
+from .common import Context, endpoint_accuracy, fmt, md_table, network_plan, plt, save_figure
 from .trajectory import perm_lists
 
 METRICS = ("loss", "error")
@@ -84,6 +84,7 @@ def run(ctx: Context) -> dict[str, Any]:
     spec = ctx.spec
     sa, sb = spec.seeds
     split = spec.split
+    ctx.expect_networks([sa, sb])
     na, nb = ctx.network(sa), ctx.network(sb)
     a, b = ctx.model_from(na["final"]), ctx.model_from(nb["final"])
     perm_spec = ctx.trace(ctx.build(0))
@@ -92,7 +93,8 @@ def run(ctx: Context) -> dict[str, Any]:
         al = ctx.align(a, b, spec.method, perm_spec)
         return {"method": spec.method, "perm": perm_lists(al.perm), "moved": 1.0 - al.fixed_fraction}
 
-    found = ctx.unit(f"align_{sa}_{sb}_{spec.method}", find)
+    with ctx.tracker.unit("alignment", 1, 1, f"seeds {sa}-{sb}"):
+        found = ctx.unit(f"align_{sa}_{sb}_{spec.method}", find)
     pb = permgraph.apply(b, perm_spec, permgraph.Permutation(found["perm"]))
     state = {k: v.detach().cpu() for k, v in a.state_dict().items()}
     plane = Plane(state, {k: v.detach().cpu() for k, v in b.state_dict().items()},
@@ -108,9 +110,13 @@ def run(ctx: Context) -> dict[str, Any]:
         ev = permgraph.evaluate(model, loader)
         return {m: ev[m] for m in METRICS}
 
-    rows = [ctx.unit(f"grid_row_{j:03d}", lambda v=v: [evaluate(u, v) for u in xs]) for j, v in enumerate(ys)]
-    lines = ctx.unit("lines", lambda: {"A-B": ctx.barriers(a, b, [split])[split],
-                                       "A-P(B)": ctx.barriers(a, pb, [split])[split]})
+    rows = []
+    for j, v in enumerate(ys):
+        with ctx.tracker.unit("grid row", j + 1, len(ys), f"{len(xs)} points"):
+            rows.append(ctx.unit(f"grid_row_{j:03d}", lambda v=v: [evaluate(u, v) for u in xs]))
+    with ctx.tracker.unit("lines", 1, 1, "A -> B and A -> P(B)"):
+        lines = ctx.unit("lines", lambda: {"A-B": ctx.barriers(a, b, [split], note="A -> B")[split],
+                                           "A-P(B)": ctx.barriers(a, pb, [split], note="A -> P(B)")[split]})
 
     def vertices():
         out = {}
@@ -120,9 +126,12 @@ def run(ctx: Context) -> dict[str, Any]:
             out[name] = {"direct": {m: direct[m] for m in METRICS}, "plane": on_plane}
         return out
 
-    vert = ctx.unit("vertices", vertices)
+    with ctx.tracker.unit("vertices", 1, 1, "A, B and P(B) evaluated directly and on the plane"):
+        vert = ctx.unit("vertices", vertices)
     gap = max(abs(v["direct"][m] - v["plane"][m]) for v in vert.values() for m in METRICS)
-    control = ctx.unit("control_self_permuted", lambda: ctx.control(na["final"], perm_spec))
+    with ctx.tracker.unit("control", 1, 1, "a network against a permuted copy of itself"):
+        control = ctx.unit("control_self_permuted", lambda: ctx.control(na["final"], perm_spec))
+    ctx.tracker.finish(f"{len(ys)} x {len(xs)} grid")
     return {"split": split, "examples": len(loader.dataset), "method": spec.method, "moved": found["moved"],
             "bn_reset": reset,
             "coords": {k: list(v) for k, v in plane.coords.items()}, "distances": plane.distances,
@@ -178,6 +187,7 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
     save_figure(fig, ctx.run_dir / "landscape_lines.png")
     d = results["distances"]
     rows = [[name, fmt(line["barrier"]["error"]), fmt(line["barrier"]["loss"]),
+             *(fmt(endpoint_accuracy(line)[end]) for end in "AB"),
              fmt(d["A-B" if name == "A-B" else "A-P(B)"])] for name, line in results["lines"].items()]
     z = results["grid"]["loss"]
     best = min(min(r) for r in z)
@@ -192,7 +202,8 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         f"{'recomputed at every point' if results['bn_reset'] else 'not reset (no BatchNorm, or bn: none)'}.",
         "![plane](landscape_plane.png)",
         "## Straight lines",
-        md_table(["line", f"{split} error barrier", f"{split} loss barrier", "distance (L2)"], rows),
+        md_table(["line", f"{split} error barrier", f"{split} loss barrier", f"{split} accuracy at A",
+                  f"{split} accuracy at the end (B or P(B))", "distance (L2)"], rows),
         f"Distance B to P(B): {fmt(d['B-P(B)'])}. Lowest {split} loss on the grid: {fmt(best)} "
         f"(A {fmt(vert['A']['direct']['loss'])}, B {fmt(vert['B']['direct']['loss'])}, P(B) "
         f"{fmt(vert['P(B)']['direct']['loss'])}).",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from .common import Context, fmt, md_table, mean_std, network_plan, plt, save_figure
+from .common import Context, accuracy_columns, fmt, md_table, mean_std, network_plan, plt, save_figure
 
 
 def pair_unit(ctx: Context, sa: int, sb: int) -> dict[str, Any]:
@@ -27,7 +27,8 @@ def pair_unit(ctx: Context, sa: int, sb: int) -> dict[str, Any]:
                 al = ctx.align(a, b, arm, perm_spec)
                 bb = al.apply(b)
                 res["moved"][arm] = 1.0 - al.fixed_fraction
-            res["barriers"][arm] = ctx.barriers(a, bb)
+            note = "unaligned" if arm == "none" else f"after {arm} matching"
+            res["barriers"][arm] = ctx.barriers(a, bb, note=note)
         return res
 
     return ctx.unit(f"pair_{sa}_{sb}", compute)
@@ -51,8 +52,14 @@ def plan(ctx: Context) -> list[tuple[str, Any, list[str]]]:
 def run(ctx: Context) -> dict[str, Any]:
     spec = ctx.spec
     arms = ["none"] + list(spec.matching.methods)
-    pairs = [pair_unit(ctx, sa, sb) for sa, sb in spec.seeds]
-    control = control_unit(ctx)
+    ctx.expect_networks([s for pair in spec.seeds for s in pair])
+    pairs = []
+    for i, (sa, sb) in enumerate(spec.seeds, 1):
+        with ctx.tracker.unit("pair", i, len(spec.seeds), f"seeds {sa}-{sb}"):
+            pairs.append(pair_unit(ctx, sa, sb))
+    with ctx.tracker.unit("control", 1, 1, "a network against a permuted copy of itself"):
+        control = control_unit(ctx)
+    ctx.tracker.finish(f"{len(pairs)} pairs")
     summary: dict[str, Any] = {}
     for arm in arms:
         summary[arm] = {}
@@ -66,6 +73,7 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
     spec = ctx.spec
     arms = list(results["summary"])
     splits = spec.barrier.splits
+    acc_split = "test" if "test" in splits else splits[0]  # the endpoints' accuracy, from the curves' ends
     rows = []
     for arm in arms:
         row = [arm]
@@ -73,8 +81,10 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
             for m in ("error", "loss"):
                 s = results["summary"][arm][split][m]
                 row.append(f"{fmt(s['mean'])} ± {fmt(s['std'])}")
+        row += accuracy_columns([p["barriers"][arm][acc_split] for p in results["pairs"]])
         rows.append(row)
-    header = ["alignment"] + [f"{split} {m} barrier" for split in splits for m in ("error", "loss")]
+    header = ["alignment"] + [f"{split} {m} barrier" for split in splits for m in ("error", "loss")] + \
+        [f"{acc_split} accuracy A", f"{acc_split} accuracy B"]
     pyplot = plt()
     fig, axes = pyplot.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.4), squeeze=False)
     for ax, split in zip(axes[0], splits):
@@ -94,7 +104,9 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         f"# {spec.name}: weak linear connectivity modulo permutation",
         f"Model `{spec.model.name}` {spec.model.kwargs}, data `{spec.data.name}`, {len(results['pairs'])} seed "
         f"pairs, {spec.barrier.alphas} alphas, BatchNorm handling `{spec.barrier.bn}`. Barrier = max over alpha "
-        "of the metric minus the linear interpolation of the endpoints (mean ± std over pairs).",
+        "of the metric minus the linear interpolation of the endpoints (mean ± std over pairs); accuracy A / "
+        f"B = the endpoints' accuracy on the same {acc_split} examples (B after the row's alignment: the "
+        "same function).",
         md_table(header, rows),
         "![error along the interpolation path](pair_curves.png)",
         "## Sanity control",

@@ -3,7 +3,7 @@
 Layout under the store root (``--out``)::
 
     networks/<key-hash>/        one trained network: ckpt_epoch{n}.safetensors, final.safetensors,
-                                metrics.jsonl, last.pt (resumable), key.json (what was trained)
+                                metrics.jsonl, last.safetensors (resumable), key.json (what was trained)
     runs/<kind>-<name>-<hash>/  one experiment run: spec.json, units/*.json (finished units of work),
                                 results.json, report.md, *.png, log.txt (timestamps and host: not results)
 """
@@ -47,8 +47,23 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """The JSON value in ``path``. Raises ``FileNotFoundError`` if it does not exist and
+    ``permgraph.FileFormatError`` (naming the file) if it is not valid JSON, e.g. cut short by a crash."""
+    from permgraph.errors import FileFormatError
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FileFormatError(f"{path} is not a JSON file (not UTF-8 text); delete it and rerun to write it "
+                              "again") from None
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); it may "
+                              "have been cut short: delete it and rerun to write it again") from None
 
 
 class Store:

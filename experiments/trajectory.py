@@ -71,57 +71,71 @@ def run(ctx: Context) -> dict[str, Any]:
     split = spec.barrier.splits[0]
     methods = list(spec.matching.methods)
     perm_spec = ctx.trace(ctx.build(0))
+    ctx.expect_networks([s for pair in spec.seeds for s in pair])
     pairs = []
-    for sa, sb in spec.seeds:
-        na, nb = ctx.network(sa), ctx.network(sb)
+    for i, (sa, sb) in enumerate(spec.seeds, 1):
+        with ctx.tracker.unit("pair", i, len(spec.seeds), f"seeds {sa}-{sb}"):
+            na, nb = ctx.network(sa), ctx.network(sb)
 
-        def model(net, e):
-            return ctx.model_from(state_at(net, e, final))
+            def model(net, e):
+                return ctx.model_from(state_at(net, e, final))
 
-        def barrier_at(s, perm, na=na, nb=nb):
-            b = model(nb, s)
-            if perm is not None:
-                b = permgraph.apply(b, perm_spec, perm)
-            return _compact(ctx.barriers(model(na, s), b, [split])[split])
+            def barrier_at(s, perm, t=None, na=na, nb=nb):
+                b = model(nb, s)
+                if perm is not None:
+                    b = permgraph.apply(b, perm_spec, perm)
+                note = f"at epoch {s}, " + ("unaligned" if perm is None else f"P found at epoch {t}")
+                return _compact(ctx.barriers(model(na, s), b, [split], note=note)[split])
 
-        none = ctx.unit(f"none_{sa}_{sb}", lambda barrier_at=barrier_at: {
-            "epochs": s_epochs, "barriers": [barrier_at(s, None) for s in s_epochs]})
-        per_method: dict[str, Any] = {}
-        for method in methods:
-            found: dict[int, dict[str, Any]] = {}
-            for t in matched:
-                applied = s_epochs if t in t_epochs else [t]
+            none = ctx.unit(f"none_{sa}_{sb}", lambda barrier_at=barrier_at: {
+                "epochs": s_epochs, "barriers": [barrier_at(s, None) for s in s_epochs]})
+            per_method: dict[str, Any] = {}
+            for method in methods:
+                found: dict[int, dict[str, Any]] = {}
+                for t in matched:
+                    applied = s_epochs if t in t_epochs else [t]
 
-                def unit(t=t, applied=applied, method=method, barrier_at=barrier_at, na=na, nb=nb):
-                    al = ctx.align(model(na, t), model(nb, t), method, perm_spec)
-                    return {"epoch": t, "method": method, "moved": 1.0 - al.fixed_fraction,
-                            "perm": perm_lists(al.perm), "applied_at": applied,
-                            "barriers": [barrier_at(s, al.perm) for s in applied]}
+                    def unit(t=t, applied=applied, method=method, barrier_at=barrier_at, na=na, nb=nb):
+                        al = ctx.align(model(na, t), model(nb, t), method, perm_spec,
+                                       note=f"at epoch {t}")
+                        return {"epoch": t, "method": method, "moved": 1.0 - al.fixed_fraction,
+                                "perm": perm_lists(al.perm), "applied_at": applied,
+                                "barriers": [barrier_at(s, al.perm, t) for s in applied]}
 
-                found[t] = ctx.unit(f"match_{sa}_{sb}_{method}_t{t}", unit)
-            pf = found[final]["perm"]
-            heat = {m: [[r["barrier"][m] for r in found[t]["barriers"]] for t in t_epochs] for m in METRICS}
-            own = {m: [found[s]["barriers"][found[s]["applied_at"].index(s)]["barrier"][m] if s in found else None
-                       for s in s_epochs] for m in METRICS}
-            agree = [agreement(found[t]["perm"], pf) for t in matched]
-            per_method[method] = {
-                "heatmap": heat,
-                "final_perm": {m: heat[m][t_epochs.index(final)] for m in METRICS},
-                "own_perm": own,
-                "moved": [found[t]["moved"] for t in matched],
-                "agreement": {"overall": [a["overall"] for a in agree],
-                              "groups": {g: [a["groups"][g] for a in agree] for g in pf}},
-            }
-        pairs.append({"seeds": [sa, sb], "none": {m: [r["barrier"][m] for r in none["barriers"]] for m in METRICS},
-                      "methods": per_method})
+                    found[t] = ctx.unit(f"match_{sa}_{sb}_{method}_t{t}", unit)
+                pf = found[final]["perm"]
+                heat = {m: [[r["barrier"][m] for r in found[t]["barriers"]] for t in t_epochs]
+                        for m in METRICS}
+                own = {m: [found[s]["barriers"][found[s]["applied_at"].index(s)]["barrier"][m]
+                           if s in found else None for s in s_epochs] for m in METRICS}
+                agree = [agreement(found[t]["perm"], pf) for t in matched]
+                per_method[method] = {
+                    "heatmap": heat,
+                    "final_perm": {m: heat[m][t_epochs.index(final)] for m in METRICS},
+                    "own_perm": own,
+                    "moved": [found[t]["moved"] for t in matched],
+                    "agreement": {"overall": [a["overall"] for a in agree],
+                                  "groups": {g: [a["groups"][g] for a in agree] for g in pf}},
+                }
+            pairs.append({"seeds": [sa, sb],
+                          "none": {m: [r["barrier"][m] for r in none["barriers"]] for m in METRICS},
+                          # the accuracy of A_s and B_s on the barrier's examples (the ends of the curves)
+                          "endpoint_accuracy": {
+                              end: [1.0 - r["endpoints"]["error"][k] for r in none["barriers"]]
+                              for k, end in enumerate("AB")},
+                          "methods": per_method})
 
-    control = ctx.unit("control_self_permuted",
-                       lambda: ctx.control(ctx.network(spec.seeds[0][0])["final"], perm_spec))
+    with ctx.tracker.unit("control", 1, 1, "a network against a permuted copy of itself"):
+        control = ctx.unit("control_self_permuted",
+                           lambda: ctx.control(ctx.network(spec.seeds[0][0])["final"], perm_spec))
+    ctx.tracker.finish(f"{len(pairs)} pairs")
     groups = {g: {"size": perm_spec.groups[g].size, "module": (perm_spec.groups[g].modules or [g])[0]}
               for g in perm_spec.groups}
     return {"split": split, "examples": len(ctx.loader(split).dataset), "final_epoch": final,
             "epochs": s_epochs, "match_at": t_epochs, "matched": matched,
             "groups": groups, "pairs": pairs, "summary": _summary(pairs, methods, t_epochs, s_epochs, matched),
+            "endpoint_accuracy": {end: [_ms([p["endpoint_accuracy"][end][j] for p in pairs])
+                                        for j in range(len(s_epochs))] for end in "AB"},
             "controls": {"self_permuted": control}}
 
 
@@ -197,7 +211,11 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         rows = [[f"P_{t}"] + [_pm(c) for c in summ[method]["heatmap"]["error"][i]] for i, t in enumerate(T)]
         rows.append(["P_s (own)"] + [_pm(c) for c in summ[method]["own_perm"]["error"]])
         rows.append(["none"] + [_pm(c) for c in summ["none"]["error"]])
-        parts += [f"## {method} matching: {split} error barrier (rows: where P is found; columns: epoch s)",
+        if "endpoint_accuracy" in results:
+            rows += [[f"accuracy {end}_s"] + [_pm(c) for c in results["endpoint_accuracy"][end]]
+                     for end in "AB"]
+        parts += [f"## {method} matching: {split} error barrier (rows: where P is found; columns: epoch s; "
+                  f"last rows: the accuracy of A_s and B_s on the same {split} examples)",
                   md_table(["P \\ s"] + [str(s) for s in S], rows),
                   f"![heatmap]({f'trajectory_heatmap_{method}.png'})"]
     # ---------------------------------------------------------------- curves over s

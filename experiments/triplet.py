@@ -26,7 +26,7 @@ import torch
 
 import permgraph
 
-from .common import Context, fmt, md_table, mean_std, plt, save_figure
+from .common import Context, accuracy_columns, fmt, md_table, mean_std, plt, save_figure
 
 BARRIERS = ("none", "pair", "triplet", "composed")
 
@@ -93,16 +93,16 @@ def triple_unit(ctx: Context, w, sa: int, sb: int, sc: int) -> dict[str, Any]:
 
         def al(x: int, y: int) -> permgraph.Alignment:  # maps network y onto network x
             if (x, y) not in cache:
-                cache[(x, y)] = ctx.align(model(x), model(y), method, perm_spec)
+                cache[(x, y)] = ctx.align(model(x), model(y), method, perm_spec, note=f"of seed {y} onto {x}")
             return cache[(x, y)]
 
         al_ab, al_ca, al_cb = al(sa, sb), al(sc, sa), al(sc, sb)
         composed = permgraph.compose(al_ca.inverse(), al_cb)  # B onto A through C
         res: dict[str, Any] = {"seeds": [sa, sb, sc], "barriers": {
-            "none": ctx.barriers(a, b),
-            "pair": ctx.barriers(a, al_ab.apply(b)),
-            "triplet": ctx.barriers(al_ca.apply(a), al_cb.apply(b)),
-            "composed": ctx.barriers(a, composed.apply(b)),
+            "none": ctx.barriers(a, b, note="unaligned"),
+            "pair": ctx.barriers(a, al_ab.apply(b), note="pair"),
+            "triplet": ctx.barriers(al_ca.apply(a), al_cb.apply(b), note="triplet"),
+            "composed": ctx.barriers(a, composed.apply(b), note="composed"),
         }}
         res["agreement"] = agreement(composed, al_ab)
         cycle = permgraph.compose(permgraph.compose(al_ab, al(sb, sc)), al_ca)  # A onto A via C and B
@@ -117,7 +117,8 @@ def triple_unit(ctx: Context, w, sa: int, sb: int, sc: int) -> dict[str, Any]:
             p = al(path[0], path[1])
             for x, y in zip(path[1:-1], path[2:]):
                 p = permgraph.compose(p, al(x, y))
-            chains.append({"intermediates": k, "path": path, "barriers": ctx.barriers(a, p.apply(b)),
+            chains.append({"intermediates": k, "path": path,
+                           "barriers": ctx.barriers(a, p.apply(b), note=f"chain {k}"),
                            "agreement": agreement(p, al_ab)})
         res["chains"] = chains
         return res
@@ -168,10 +169,22 @@ def plan(ctx: Context) -> list[tuple[str, Any, list[str]]]:
 def run(ctx: Context) -> dict[str, Any]:
     spec = ctx.spec
     widths = []
-    for w in map(_width, spec.widths):
-        triples = [triple_unit(ctx, w, sa, sb, sc) for sa, sb, sc in spec.seeds]
+    all_widths = list(map(_width, spec.widths))
+    seeds = sorted({s for t in spec.seeds for s in t} | set(chain_seeds(spec)))
+    for w in all_widths:
+        ctx.expect_networks(seeds, **{spec.width_arg: w})
+    n, k = len(all_widths) * len(spec.seeds), 0
+    for w in all_widths:
+        triples = []
+        for sa, sb, sc in spec.seeds:
+            k += 1
+            with ctx.tracker.unit("triple", k, n, f"{spec.width_arg}={w}, seeds {sa}-{sb}-{sc}"):
+                triples.append(triple_unit(ctx, w, sa, sb, sc))
+        with ctx.tracker.unit("control", 1, 1, f"{spec.width_arg}={w}"):
+            control = control_unit(ctx, w)
         widths.append({"width": w, "triples": triples, "summary": _summary(spec, triples),
-                       "controls": control_unit(ctx, w)})
+                       "controls": control})
+    ctx.tracker.finish(f"{n} triples")
     return {"method": spec.matching.methods[0], "width_arg": spec.width_arg, "chain_seeds": chain_seeds(spec),
             "widths": widths}
 
@@ -234,6 +247,7 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
             ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure(fig, ctx.run_dir / "triplet_chains.png")
+    acc_split = "test" if "test" in splits else splits[0]  # the endpoints' accuracy, from the curves' ends
     rows = []
     for w in ws:
         s = w["summary"]
@@ -242,9 +256,11 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
             for kind in BARRIERS:
                 m = s["barriers"][kind][split]["error"]
                 row.append(f"{fmt(m['mean'])} ± {fmt(m['std'])}")
+        row += accuracy_columns([t["barriers"]["none"][acc_split] for t in w["triples"]])
         row += [fmt(s["agreement"]["mean"]), fmt(s["cycle_fixed"]["mean"]), fmt(s["symmetry_bc"]["mean"])]
         rows.append(row)
     header = [results["width_arg"]] + [f"{split} {k}" for split in splits for k in BARRIERS] + \
+        [f"{acc_split} accuracy A", f"{acc_split} accuracy B"] + \
         ["agreement P_AC∘P_CB vs P_AB", "cycle fixed points", "symmetry P_BC vs P_CB⁻¹"]
     crows = []
     for w in ws:
@@ -264,7 +280,9 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         f"{spec.barrier.alphas} alphas, BatchNorm handling `{spec.barrier.bn}`. Error barriers, mean ± std over "
         "triples. `pair` = A vs P_AB(B); `triplet` = P_CA(A) vs P_CB(B) (A and B aligned to C separately); "
         "`composed` = A vs P_AC∘P_CB(B) (the same path relabelled: equal to `triplet` up to numerics); `none` "
-        "= unaligned. The paper's shape: triplet above pair, both falling with width. Agreement = fraction of units "
+        f"= unaligned; accuracy A / B = the accuracy of A and B on the same {acc_split} examples (the ends "
+        "of the unaligned path). The paper's shape: triplet above pair, both falling with width. Agreement = "
+        "fraction of units "
         "on which P_AC∘P_CB equals P_AB; cycle fixed points = units that P_AB∘P_BC∘P_CA leaves in place (the two "
         "coincide when matching is symmetric, i.e. P_BC = P_CB⁻¹ on every unit: last column).",
         md_table(header, rows),

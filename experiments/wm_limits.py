@@ -16,7 +16,7 @@ from typing import Any
 
 import permgraph
 
-from .common import Context, fmt, md_table, mean_std, network_plan, plt, save_figure
+from .common import Context, endpoint_accuracy, fmt, md_table, mean_std, network_plan, plt, save_figure
 from .trajectory import agreement, perm_lists, state_at
 
 METRICS = ("error", "loss")
@@ -40,52 +40,70 @@ def run(ctx: Context) -> dict[str, Any]:
     methods = list(spec.matching.methods)
     m = spec.matching
     perm_spec = ctx.trace(ctx.build(0))
+    ctx.expect_networks([s for pair in spec.seeds for s in pair])
     pairs = []
-    for sa, sb in spec.seeds:
-        na, nb = ctx.network(sa), ctx.network(sb)
-        a, b = ctx.model_from(na["final"]), ctx.model_from(nb["final"])
+    for i, (sa, sb) in enumerate(spec.seeds, 1):
+        with ctx.tracker.unit("pair", i, len(spec.seeds), f"seeds {sa}-{sb}"):
+            na, nb = ctx.network(sa), ctx.network(sb)
+            a, b = ctx.model_from(na["final"]), ctx.model_from(nb["final"])
 
-        def bar(x, y):
-            return ctx.barriers(x, y, [split])[split]["barrier"]
+            def bar(x, y, note=""):
+                return ctx.barriers(x, y, [split], note=note)[split]["barrier"]
 
-        def pruned(x, mode, a=a, b=b):
-            opts = {"prune_fraction": x, "prune_mode": mode} if x > 0 else {}
-            al = permgraph.align(a, b, "weight", spec=perm_spec, max_iter=m.max_iter, exclude=m.exclude,
-                                 progress=False, **opts)
-            return {"fraction": x, "mode": mode, "perm": perm_lists(al.perm), "moved": 1.0 - al.fixed_fraction,
-                    "barrier": bar(a, al.apply(b))}
+            def unaligned(x, y, note):  # the barrier, and the accuracy of x and y on the same examples
+                curve = ctx.barriers(x, y, [split], note=f"{note}, unaligned")[split]
+                return curve["barrier"], endpoint_accuracy(curve)
 
-        plain = ctx.unit(f"prune_{sa}_{sb}_plain", lambda pruned=pruned: pruned(0.0, "small"))
-        none = ctx.unit(f"none_{sa}_{sb}", lambda a=a, b=b: {"barrier": bar(a, b)})
-        prune: dict[str, list[dict[str, Any]]] = {}
-        for mode in MODES:
-            prune[mode] = []
-            for x in fractions:
-                r = plain if x == 0 else ctx.unit(f"prune_{sa}_{sb}_{mode}_x{_tag(x)}",
-                                                  lambda x=x, mode=mode, pruned=pruned: pruned(x, mode))
-                prune[mode].append({"barrier": r["barrier"], "moved": r["moved"],
-                                    "agreement_with_plain": agreement(r["perm"], plain["perm"])["overall"]})
-        at: list[dict[str, Any]] = []
-        for e in early:
-            def unit(e=e, na=na, nb=nb):
-                ae, be = ctx.model_from(state_at(na, e, final)), ctx.model_from(state_at(nb, e, final))
-                res: dict[str, Any] = {"epoch": e, "barrier": {"none": bar(ae, be)}, "perm": {}}
-                for method in methods:
-                    al = ctx.align(ae, be, method, perm_spec)
-                    res["barrier"][method] = bar(ae, al.apply(be))
-                    res["perm"][method] = perm_lists(al.perm)
-                return res
+            def pruned(x, mode, a=a, b=b):
+                opts = {"prune_fraction": x, "prune_mode": mode} if x > 0 else {}
+                what = f"{x:g} of the {mode} weights zeroed" if x > 0 else "plain"
+                with ctx.tracker.step(f"weight matching ({what})"):
+                    al = permgraph.align(a, b, "weight", spec=perm_spec, max_iter=m.max_iter,
+                                         exclude=m.exclude, progress=False, **opts)
+                return {"fraction": x, "mode": mode, "perm": perm_lists(al.perm),
+                        "moved": 1.0 - al.fixed_fraction,
+                        "barrier": bar(a, al.apply(b), f"after weight matching ({what})")}
 
-            r = ctx.unit(f"early_{sa}_{sb}_e{e}", unit)
-            entry = {"epoch": e, "barrier": r["barrier"]}
-            if "weight" in r["perm"] and "activation" in r["perm"]:
-                entry["weight_activation_agreement"] = agreement(r["perm"]["weight"],
-                                                                 r["perm"]["activation"])["overall"]
-            at.append(entry)
-        pairs.append({"seeds": [sa, sb], "none": none["barrier"], "prune": prune, "early": at})
+            plain = ctx.unit(f"prune_{sa}_{sb}_plain", lambda pruned=pruned: pruned(0.0, "small"))
+            none = ctx.unit(f"none_{sa}_{sb}",
+                            lambda a=a, b=b: dict(zip(("barrier", "endpoint_accuracy"),
+                                                      unaligned(a, b, "at the final epoch"))))
+            prune: dict[str, list[dict[str, Any]]] = {}
+            for mode in MODES:
+                prune[mode] = []
+                for x in fractions:
+                    r = plain if x == 0 else ctx.unit(f"prune_{sa}_{sb}_{mode}_x{_tag(x)}",
+                                                      lambda x=x, mode=mode, pruned=pruned: pruned(x, mode))
+                    prune[mode].append({
+                        "barrier": r["barrier"], "moved": r["moved"],
+                        "agreement_with_plain": agreement(r["perm"], plain["perm"])["overall"]})
+            at: list[dict[str, Any]] = []
+            for e in early:
+                def unit(e=e, na=na, nb=nb):
+                    ae, be = ctx.model_from(state_at(na, e, final)), ctx.model_from(state_at(nb, e, final))
+                    unaligned_barrier, ends = unaligned(ae, be, f"at epoch {e}")
+                    res: dict[str, Any] = {"epoch": e, "barrier": {"none": unaligned_barrier},
+                                           "endpoint_accuracy": ends, "perm": {}}
+                    for method in methods:
+                        al = ctx.align(ae, be, method, perm_spec, note=f"at epoch {e}")
+                        res["barrier"][method] = bar(ae, al.apply(be),
+                                                     f"at epoch {e}, after {method} matching")
+                        res["perm"][method] = perm_lists(al.perm)
+                    return res
 
-    control = ctx.unit("control_self_permuted",
-                       lambda: ctx.control(ctx.network(spec.seeds[0][0])["final"], perm_spec))
+                r = ctx.unit(f"early_{sa}_{sb}_e{e}", unit)
+                entry = {"epoch": e, "barrier": r["barrier"], "endpoint_accuracy": r.get("endpoint_accuracy")}
+                if "weight" in r["perm"] and "activation" in r["perm"]:
+                    entry["weight_activation_agreement"] = agreement(r["perm"]["weight"],
+                                                                     r["perm"]["activation"])["overall"]
+                at.append(entry)
+            pairs.append({"seeds": [sa, sb], "none": none["barrier"],
+                          "endpoint_accuracy": none.get("endpoint_accuracy"), "prune": prune, "early": at})
+
+    with ctx.tracker.unit("control", 1, 1, "a network against a permuted copy of itself"):
+        control = ctx.unit("control_self_permuted",
+                           lambda: ctx.control(ctx.network(spec.seeds[0][0])["final"], perm_spec))
+    ctx.tracker.finish(f"{len(pairs)} pairs")
     arms = ["none"] + methods
     summary = {
         "none": {mt: mean_std([p["none"][mt] for p in pairs]) for mt in METRICS},
@@ -96,14 +114,25 @@ def run(ctx: Context) -> dict[str, Any]:
                   for mode in MODES},
         "early": {arm: {mt: [mean_std([p["early"][k]["barrier"][arm][mt] for p in pairs])
                              for k in range(len(early))] for mt in METRICS} for arm in arms},
+        # the accuracy of A and B (final, and A_e and B_e) on the barrier's examples: the ends of the curves
+        "endpoint_accuracy": {
+            "final": {end: _known([(p["endpoint_accuracy"] or {}).get(end) for p in pairs]) for end in "AB"},
+            "early": {end: [_known([(p["early"][k]["endpoint_accuracy"] or {}).get(end) for p in pairs])
+                            for k in range(len(early))] for end in "AB"}},
     }
     return {"split": split, "examples": len(ctx.loader(split).dataset), "final_epoch": final,
             "prune_fractions": fractions, "early_epochs": early,
             "pairs": pairs, "summary": summary, "controls": {"self_permuted": control}}
 
 
-def _pm(s: dict[str, float]) -> str:
-    return f"{fmt(s['mean'])} ± {fmt(s['std'])}" if s["n"] > 1 else fmt(s["mean"])
+def _known(values: list) -> dict[str, float] | None:
+    """mean_std of the values known (units stored by older versions lack the endpoints' accuracy)."""
+    vals = [v for v in values if v is not None]
+    return mean_std(vals) if vals else None
+
+
+def _pm(s: dict[str, float] | None) -> str:
+    return "–" if s is None else (f"{fmt(s['mean'])} ± {fmt(s['std'])}" if s["n"] > 1 else fmt(s["mean"]))
 
 
 def report(ctx: Context, results: dict[str, Any]) -> str:
@@ -149,14 +178,20 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
     fig.tight_layout()
     save_figure(fig, ctx.run_dir / "wm_limits_early.png")
 
+    ends = summ.get("endpoint_accuracy") or {"final": {"A": None, "B": None},
+                                             "early": {end: [None] * len(E) for end in "AB"}}
     prune_rows = [[_tag(x)] + [_pm(summ["prune"][mode][mt][i]) for mode in MODES for mt in METRICS]
                   + [_pm(summ["prune"][mode]["agreement_with_plain"][i]) for mode in MODES]
+                  + [_pm(ends["final"][end]) for end in "AB"]
                   for i, x in enumerate(X)]
     prune_header = (["x"] + [f"prune {mode}: {mt} barrier" for mode in MODES for mt in METRICS]
-                    + [f"prune {mode}: agreement with x=0" for mode in MODES])
+                    + [f"prune {mode}: agreement with x=0" for mode in MODES]
+                    + [f"{split} accuracy A", f"{split} accuracy B"])
     early_rows = [[str(e) + (" (final)" if e == results["final_epoch"] else "")]
-                  + [_pm(summ["early"][arm][mt][k]) for arm in arms for mt in METRICS] for k, e in enumerate(E)]
-    early_header = ["epoch"] + [f"{arm}: {mt} barrier" for arm in arms for mt in METRICS]
+                  + [_pm(summ["early"][arm][mt][k]) for arm in arms for mt in METRICS]
+                  + [_pm(ends["early"][end][k]) for end in "AB"] for k, e in enumerate(E)]
+    early_header = (["epoch"] + [f"{arm}: {mt} barrier" for arm in arms for mt in METRICS]
+                    + [f"{split} accuracy A_e", f"{split} accuracy B_e"])
     i_half = min(range(len(X)), key=lambda i: abs(X[i] - 0.5))
     c = results["controls"]["self_permuted"]
     key = [f"- plain weight matching: {split} error barrier {_pm(summ['prune']['small']['error'][0])} "
@@ -176,7 +211,8 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         "## Key numbers", "\n".join(key),
         "## Weight matching on pruned copies",
         "Weight matching is run on copies of the final A and B with a fraction x of each weight tensor's "
-        "smallest (or largest) magnitudes zeroed; the permutation found is applied to the real B.",
+        "smallest (or largest) magnitudes zeroed; the permutation found is applied to the real B. Accuracy "
+        f"A / B: the final networks' accuracy on the same {split} examples (the ends of the path).",
         md_table(prune_header, prune_rows), "![pruning](wm_limits_pruning.png)",
         "## Early in training: weight vs activation matching",
         md_table(early_header, early_rows), "![early](wm_limits_early.png)",

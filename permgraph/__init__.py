@@ -22,9 +22,11 @@ from .barrier import BarrierCurve as BarrierCurve
 from .barrier import barrier as barrier
 from .barrier import interpolate as interpolate
 from .barrier import reset_bn as reset_bn
+from .errors import FileFormatError as FileFormatError
 from .errors import PermgraphError as PermgraphError
 from .errors import SpecMismatchError as SpecMismatchError
 from .errors import TraceError as TraceError
+from .errors import UnknownNameError as UnknownNameError
 from .errors import VerificationError as VerificationError
 from .permutation import Permutation as Permutation
 from .permutation import apply as apply
@@ -38,12 +40,13 @@ from .spec import AxisRef as AxisRef
 from .spec import FrozenPart as FrozenPart
 from .spec import Group as Group
 from .spec import PermutationSpec as PermutationSpec
+from .train import TrainResult as TrainResult
 from .train import train as train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Alignment", "AxisRef", "BarrierCurve", "EquivalenceResult", "FrozenPart", "Group", "Mask", "Permutation", "PermgraphError",
-    "PermutationSpec", "SpecMismatchError", "TraceError", "VerificationError", "align", "apply", "barrier", "check_equivalence",
+    "Alignment", "AxisRef", "BarrierCurve", "EquivalenceResult", "FileFormatError", "FrozenPart", "Group", "Mask", "Permutation", "PermgraphError",
+    "PermutationSpec", "SpecMismatchError", "TraceError", "TrainResult", "UnknownNameError", "VerificationError", "align", "apply", "barrier", "check_equivalence",
     "compose", "data", "evaluate", "identity", "identity_alignment", "imp", "interpolate", "inverse", "models", "prune", "random_permutation", "reset_bn", "trace", "train", "transfer_mask",
 ]

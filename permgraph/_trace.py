@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import os
+import re
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator, Sequence
 
 import networkx as nx
@@ -327,7 +334,7 @@ def _frozen_leaves(atoms: Atoms, a: int, out: set[int]) -> None:
             _frozen_leaves(atoms, c, out)
 
 
-def build_spec(prop: Propagator, model: nn.Module, info: dict) -> PermutationSpec:
+def build_spec(prop: Propagator, model: nn.Module, info: dict, input_shapes: tuple = ()) -> PermutationSpec:
     atoms = prop.atoms
     state = model.state_dict(keep_vars=True)
     aliases: dict[str, str] = dict(prop.tied)
@@ -359,7 +366,8 @@ def build_spec(prop: Propagator, model: nn.Module, info: dict) -> PermutationSpe
         frozen.append(FrozenPart(0, unused_reason, tuple(unused)))
     group_sizes = {g: atoms.size(r) for r, g in gid.items()}
     graph = _coupling_graph(prop, gid)
-    return PermutationSpec.from_axes(axes, shapes, group_sizes, frozen, aliases, info, graph)
+    return PermutationSpec.from_axes(axes, shapes, group_sizes, frozen, aliases, info, graph,
+                                     input_shapes=input_shapes)
 
 
 def _coupling_graph(prop: Propagator, gid: dict[int, str]) -> nx.Graph:
@@ -420,6 +428,50 @@ def resolve_inputs(model: nn.Module, example_inputs) -> tuple:
     return _as_tuple(example_inputs)
 
 
+def record_inputs(inputs: tuple) -> tuple:
+    """The ``(shape, dtype name)`` of each positional input, or ``()`` unless every input is a tensor."""
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        return ()
+    return tuple((tuple(int(s) for s in x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs)
+
+
+def describe_inputs(recorded: tuple) -> str:
+    return ", ".join(f"{tuple(shape)} {dtype}" for shape, dtype in recorded)
+
+
+def inputs_like(recorded: tuple, device: torch.device | str = "cpu", seed: int = 0) -> tuple:
+    """Inputs with the recorded shapes and dtypes: standard normal floats, integers in {0, 1}, False
+    booleans, drawn from a local generator seeded ``seed`` (the global random state is not touched)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape, name in recorded:
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype):
+            raise TraceError(f"the spec records an input of dtype {name!r}, which this torch does not know; "
+                             "pass example_inputs explicitly")
+        if dtype.is_floating_point or dtype.is_complex:
+            x = torch.randn(shape, generator=gen, dtype=dtype if dtype.is_complex else torch.float32).to(dtype)
+        elif dtype == torch.bool:
+            x = torch.zeros(shape, dtype=dtype)
+        else:
+            x = torch.randint(0, 2, shape, generator=gen).to(dtype)
+        out.append(x.to(device))
+    return tuple(out)
+
+
+def checking_inputs(model: nn.Module, example_inputs, recorded: tuple = ()) -> tuple[tuple, str]:
+    """The inputs to check a spec on, and where they came from (for error messages): ``example_inputs``
+    if given, else inputs shaped like the ones the spec was traced with, else inputs guessed from the model."""
+    if example_inputs is not None:
+        return _as_tuple(example_inputs), "the given example inputs"
+    if recorded:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        return inputs_like(recorded, device), f"inputs shaped like the spec's example inputs ({describe_inputs(recorded)})"
+    inputs = resolve_inputs(model, None)
+    return inputs, f"guessed example inputs ({describe_inputs(record_inputs(inputs))})"
+
+
 @contextlib.contextmanager
 def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
     """Restore the train/eval flag of every submodule of ``model`` on exit, whatever the body set."""
@@ -431,19 +483,138 @@ def kept_modes(model: nn.Module) -> Iterator[nn.Module]:
             m.training = t
 
 
-def export(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """torch.export in eval mode, restoring the caller's train/eval flags afterwards."""
+# torch.export's failures print the partial graph to stderr (twice) and log through torch's loggers; the
+# TraceError already says what failed, so that output is held back while permgraph exports
+_EXPORT_LOCK = threading.RLock()
+_LOGGERS = ("torch", "torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+            "torch._subclasses.fake_tensor", "torch._functorch.aot_autograd")
+
+
+def _torch_logger_names() -> list[str]:
+    try:  # every logger torch gives its own handler (they do not propagate to "torch")
+        from torch._logging._internal import log_registry
+
+        return sorted(set(_LOGGERS) | set(log_registry.get_log_qnames()))
+    except Exception:  # pragma: no cover - private torch API moved
+        return list(_LOGGERS)
+
+
+class _Held(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _ThreadStderr:
+    """sys.stderr for the duration of an export: this thread's writes are held, other threads' pass."""
+
+    def __init__(self, real) -> None:
+        self.real, self.thread, self.held = real, threading.get_ident(), io.StringIO()
+
+    def write(self, s: str) -> int:
+        return (self.held if threading.get_ident() == self.thread else self.real).write(s)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[list[str]]:
+    """Hold back what torch logs or prints to stderr while the body runs. The held text is appended to
+    the yielded list; on success it is passed on unchanged (replayed), on an exception it is not printed.
+    With ``TORCH_LOGS`` set (the user asked for torch's logs) nothing is held."""
+    details: list[str] = []
+    if os.environ.get("TORCH_LOGS"):
+        yield details
+        return
+    with _EXPORT_LOCK:
+        held = _Held()
+        saved = []
+        for name in _torch_logger_names():
+            lg = logging.getLogger(name)
+            saved.append((lg, lg.handlers, lg.propagate))
+            lg.handlers, lg.propagate = [held], False
+        real_stderr = sys.stderr
+        err = _ThreadStderr(real_stderr)
+        sys.stderr = err
+        failed = True
+        try:
+            yield details
+            failed = False
+        finally:
+            if sys.stderr is err:
+                sys.stderr = real_stderr
+            for lg, handlers, propagate in saved:
+                lg.handlers, lg.propagate = handlers, propagate
+            mine = threading.get_ident()
+            fmt = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+            for rec in held.records:
+                if failed and rec.thread == mine:
+                    details.append(fmt.format(rec))
+                else:
+                    logging.getLogger(rec.name).handle(rec)
+            if failed:
+                details.append(err.held.getvalue())
+            else:
+                real_stderr.write(err.held.getvalue())
+
+
+def _reason(e: BaseException) -> str:
+    """The first meaningful line of an exception's message."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line and not line.lower().startswith(("the above exception", "while executing", "traceback (")):
+            return line if len(line) <= 300 else line[:297] + "..."
+    return "(no message)"
+
+
+def _user_location(e: BaseException) -> str:
+    """``file:line in function: code`` of the user's code where tracing failed, if it can be found."""
+    m = re.search(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(\S[^\n]*)', str(e))
+    if m:
+        return f"{m.group(1)}:{m.group(2)} in {m.group(3)}: {m.group(4).strip()}"
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(os.path.abspath(__file__))
+    py_dir = os.path.dirname(os.__file__)
+    for fr in reversed(traceback.extract_tb(e.__traceback__)):
+        f = os.path.abspath(fr.filename)
+        if not f.startswith((torch_dir, here, py_dir)) and "site-packages" not in f and not f.startswith("<"):
+            return f"{fr.filename}:{fr.lineno} in {fr.name}: {(fr.line or '').strip()}"
+    return ""
+
+
+def export(model: nn.Module, example_inputs: tuple, guessed: bool = False) -> torch.export.ExportedProgram:
+    """torch.export in eval mode, restoring the caller's train/eval flags afterwards. A failure raises one
+    short ``TraceError`` (torch's own log output is in its ``details`` attribute, not printed)."""
+    details: list[str] = []
     try:
-        with kept_modes(model), torch.no_grad():
+        with _quiet_torch() as details, kept_modes(model), torch.no_grad():
             model.eval()
             return torch.export.export(model, example_inputs, strict=False)
     except Exception as e:  # torch.export raises many types; re-raise as one permgraph error
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(
-            f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {first[:500]}. "
-            "permgraph needs a model that torch.export can capture (no data-dependent Python control flow, "
-            "no unsupported Python constructs); check the example inputs' shapes, or rewrite the named "
-            "construct with torch ops.") from e
+        failure = e
+    name = type(model).__name__
+    where = _user_location(failure)
+    shapes = describe_inputs(record_inputs(tuple(example_inputs))) or "not all tensors"
+    if "data-dependent" in str(failure).lower() or "DataDependent" in type(failure).__name__:
+        what = ("the forward pass branches on tensor values (if/while on a tensor, .item()), which torch.export "
+                "cannot capture: rewrite it with torch.where or torch.cond")
+    else:
+        what = "permgraph needs a model torch.export can capture, and example inputs the model accepts"
+    given = (f"the example inputs were guessed ({shapes}): if they are wrong, pass the right ones, e.g. "
+             "permgraph.trace(model, (torch.randn(4, 40),))" if guessed else f"the example inputs were {shapes}")
+    err = TraceError(
+        f"torch.export could not trace {name}: {type(failure).__name__}: {_reason(failure)}\n"
+        + (f"  at {where}\n" if where else "")
+        + f"{what}; {given}. If {name} is a standard architecture, please report it.")
+    err.details = "\n".join(d for d in details if d.strip())
+    raise err from failure
 
 
 def _tied_keys(model: nn.Module) -> dict[str, str]:
@@ -469,13 +640,20 @@ def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze:
         model: any ``nn.Module`` that ``torch.export`` can capture. It is traced in eval mode and is not
             changed (its train/eval flags are restored).
         example_inputs: a tensor or a tuple of positional inputs. Inferred when omitted (permgraph zoo
-            models, timm ``pretrained_cfg["input_size"]``, else the first Linear/Conv layer).
+            models, timm ``pretrained_cfg["input_size"]``, else the first Linear/Conv layer). Their shapes
+            and dtypes (not their values) are kept in ``spec.input_shapes``, so that ``check_equivalence``
+            and ``from_json(model=...)`` can build inputs like them later.
         verify: apply a random permutation of every group to a copy with randomised norm statistics and
             affine parameters, and check the output is unchanged; groups that change it are found by
             bisection, frozen and reported. The returned spec always preserves the function.
         freeze: glob patterns of state-dict keys (or module-name prefixes) whose axes must not move,
             e.g. ``["fc.*"]`` or ``["head"]``.
         seed: seed of the verification's random permutation.
+
+    Raises:
+        TraceError: ``torch.export`` failed (one short message: torch's reason, where in the model's code,
+            what to do; torch's own log output is in the error's ``details``, not printed), or no example
+            inputs were given and none can be inferred.
 
     Example:
         >>> import permgraph
@@ -487,14 +665,14 @@ def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze:
         raise TypeError(f"trace() takes an nn.Module, not {type(model).__name__}")
     inputs = resolve_inputs(model, example_inputs)
     t0 = time.perf_counter()
-    ep = export(model, inputs)
+    ep = export(model, inputs, guessed=example_inputs is None)
     t1 = time.perf_counter()
     prop = Propagator(ep, _tied_keys(model))
     prop.run()
     info = {"model": type(model).__name__,
             "example_input_shapes": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
             "unsupported_ops": dict(prop.unknown_ops)}
-    spec = build_spec(prop, model, info)
+    spec = build_spec(prop, model, info, record_inputs(inputs))
     freeze = list(freeze)
     if freeze:
         spec = spec.freeze_keys(freeze, f"frozen by trace(freeze={freeze})")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .errors import SpecMismatchError, VerificationError
+from .errors import SpecMismatchError, TraceError, VerificationError
 from .permutation import Permutation, permute_state_dict
 from .spec import PermutationSpec
 
@@ -94,16 +94,25 @@ def cyclic_permutation(spec: PermutationSpec, generator: torch.Generator) -> Per
 
 class _Checker:
     def __init__(self, spec: PermutationSpec, model: nn.Module, inputs: tuple, seed: int = 0):
-        from ._trace import resolve_inputs
+        from ._trace import _reason, checking_inputs
 
         gen = torch.Generator().manual_seed(seed)
         nparams = sum(p.numel() for p in model.parameters())
         self.dtype = torch.float64 if nparams <= FLOAT64_MAX_PARAMS else torch.float32
         self.tol = TOL[self.dtype]
+        raw, origin = checking_inputs(model, inputs, spec.input_shapes)
         base = randomize_(copy.deepcopy(model).eval().to(self.dtype), gen)
-        self.inputs = _cast_inputs(resolve_inputs(model, inputs), self.dtype)
+        self.inputs = _cast_inputs(raw, self.dtype)
         self.state = base.state_dict()  # references: permuted states are passed to functional_call
-        self.ref = _outputs(base, self.inputs)
+        try:
+            self.ref = _outputs(base, self.inputs)
+        except Exception as e:
+            name = type(model).__name__
+            why = "" if inputs is not None or spec.input_shapes else (
+                " (the spec does not record the inputs it was traced with)")
+            raise TraceError(f"{name} fails on {origin}{why}: {type(e).__name__}: {_reason(e)}\n"
+                             f"Pass inputs that {name} accepts as example_inputs, e.g. "
+                             "example_inputs=(torch.randn(4, 40),)") from e
         self.work = base
         self.spec = spec
         self.perm = cyclic_permutation(spec, gen)

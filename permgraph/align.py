@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._solver import assign
-from .errors import SpecMismatchError
+from .errors import FileFormatError, SpecMismatchError
 from .permutation import Permutation, axis_index, identity
 from .permutation import apply as _apply
 from .permutation import compose as _compose
@@ -107,21 +107,49 @@ class Alignment:
 
     @classmethod
     def load(cls, path: str | os.PathLike, spec: PermutationSpec | None = None) -> Alignment:
-        """Read an alignment written by ``save``. When ``spec`` is given it must match the saved one."""
+        """Read an alignment written by ``save``. When ``spec`` is given it must match the saved one.
+
+        Raises ``FileNotFoundError`` if ``path`` does not exist, ``FileFormatError`` (naming the file) if it
+        is truncated, corrupted or not an alignment file, and ``SpecMismatchError`` if ``spec`` differs."""
         from safetensors import safe_open
 
-        with safe_open(os.fspath(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        path = os.fspath(path)
+        redo = "re-create it with permgraph.align(...).save(path)"
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"alignment file {path} does not exist; {redo}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a folder, not an alignment file")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError (a bad header) and friends
+            raise FileFormatError(f"alignment file {path} is truncated or not a safetensors file ({e}); "
+                                  f"delete it and {redo}") from None
         if "permgraph_alignment" not in meta:
-            raise ValueError(f"{path} is not a permgraph alignment file")
-        info = json.loads(meta["permgraph_alignment"])
-        saved = PermutationSpec.from_json(meta["spec"])
-        if spec is not None and spec.fingerprint() != info["spec_fingerprint"]:
+            raise FileFormatError(f"{path} is a safetensors file but not a permgraph alignment (it has no "
+                                  f"'permgraph_alignment' metadata); {redo}")
+        try:
+            info = json.loads(meta["permgraph_alignment"])
+            try:
+                saved = PermutationSpec.from_json(meta.get("spec", ""))
+            except FileFormatError:
+                raise ValueError("its stored spec is not a valid permgraph spec") from None
+            fingerprint, method = info["spec_fingerprint"], info["method"]
+            settings, groups, log = info["settings"], info["groups"], info["log"]
+            perm = Permutation(tensors)
+            sizes = saved.group_sizes()
+            if any(sizes.get(g) != len(p) for g, p in perm.items()):
+                raise ValueError("its permutations do not fit the spec stored with them")
+        except (ValueError, KeyError, TypeError) as e:  # FileFormatError and JSONDecodeError are ValueErrors
+            detail = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
+            raise FileFormatError(f"alignment file {path} is corrupted ({detail}); delete it and {redo}") from None
+        if spec is not None and spec.fingerprint() != fingerprint:
             raise SpecMismatchError(f"{path} was computed for a different spec (fingerprint "
-                                    f"{info['spec_fingerprint']} vs {spec.fingerprint()})")
-        return cls(Permutation(tensors), spec if spec is not None else saved, info["method"], info["settings"], info["groups"],
-                   info["log"])
+                                    f"{fingerprint} vs {spec.fingerprint()}); align the models again with this spec")
+        return cls(perm, spec if spec is not None else saved, method, settings, groups, log)
 
 
 def compose(ab, bc):

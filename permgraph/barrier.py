@@ -269,16 +269,16 @@ class BarrierCurve:
                 "max_mean": {m: self.barrier(m, "max_mean") for m in self.values}, "info": dict(self.info)}
 
     def plot(self, ax=None, metrics: Sequence[str] | None = None, label: str | None = None):
-        """Plot the curves (one axis per metric when ``ax`` is None); returns the matplotlib figure."""
-        import matplotlib
+        """Plot the curves (one axis per metric when ``ax`` is None); returns the matplotlib figure.
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        A new figure is a ``matplotlib.figure.Figure`` made without pyplot, so plotting works without a
+        display and leaves pyplot's backend and figure list alone; save it with ``fig.savefig(path)``."""
+        from matplotlib.figure import Figure
 
         metrics = list(metrics or self.values)
         if ax is None:
-            fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
-            axes = axes[0]
+            fig = Figure(figsize=(4.2 * len(metrics), 3.2))
+            axes = fig.subplots(1, len(metrics), squeeze=False)[0]
         else:
             axes = [ax] * len(metrics)
             fig = ax.figure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -24,8 +25,9 @@ def _inputs(name: str, model, shape: list[int] | None):
 def _trace_one(name: str, shape=None, freeze=(), json_path=None, verbose=True) -> bool:
     import permgraph
 
-    torch.manual_seed(0)
-    model = permgraph.models.create(name)
+    with torch.random.fork_rng(devices=[]):  # the same model every time, without touching the caller's RNG
+        torch.manual_seed(0)
+        model = permgraph.models.create(name)
     x = _inputs(name, model, shape)
     t0 = time.perf_counter()
     spec = permgraph.trace(model, x, freeze=freeze)
@@ -44,8 +46,40 @@ def _trace_one(name: str, shape=None, freeze=(), json_path=None, verbose=True) -
     return res.ok
 
 
+INTERRUPTED = "interrupted: finished work is kept; rerun the same command to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="permgraph", description="Permutation symmetry of neural networks.")
+    """The ``permgraph`` command. Errors a user can fix print one or two lines (``error: ...``) and exit
+    with status 2; ``--debug`` or ``PERMGRAPH_DEBUG=1`` shows the traceback instead."""
+    from .errors import PermgraphError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("PERMGRAPH_DEBUG", "") not in ("", "0")
+    try:
+        return _dispatch([a for a in argv if a != "--debug"])
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug or not _user_error(e, PermgraphError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _user_error(e: BaseException, permgraph_error: type) -> bool:
+    """Errors whose message tells the user what to do (not bugs: those keep their traceback)."""
+    from experiments.spec import SpecError
+
+    return isinstance(e, (permgraph_error, SpecError, FileNotFoundError, IsADirectoryError, PermissionError))
+
+
+def _dispatch(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="permgraph", description="Permutation symmetry of neural networks.",
+                                     epilog="--debug (or PERMGRAPH_DEBUG=1) shows the traceback of an error.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     demo = sub.add_parser("demo", help="trace, permute and verify a few models; print coverage reports")
     demo.add_argument("--models", default=",".join(DEMO_MODELS), help="comma-separated zoo names")
@@ -60,14 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--executor", default="local", choices=["local", "ray"],
                      help="local (default): in this process; ray: independent units in parallel on a Ray cluster")
+    run.add_argument("--threads", type=_positive, default=1,
+                     help="torch threads (default 1). Results are byte-identical for the same torch version, "
+                          "device and thread count. With --executor ray: the CPUs each unit asks Ray for")
     run.add_argument("--address", default=None,
                      help="Ray cluster address (e.g. 10.0.0.1:6379 or auto); default: start a local Ray instance")
     rep = sub.add_parser("report", help="re-create the report of a finished run folder")
     rep.add_argument("run_dir")
-    ls = sub.add_parser("list", help="list the specs in a folder (recursively) with their kind and run name")
+    ls = sub.add_parser("list", help="list the specs in a folder (recursively) with their kind, run name and "
+                                     "whether the run finished in the store")
     ls.add_argument("specs_dir", nargs="?", default="specs")
+    ls.add_argument("--out", default="runs", help="store root the runs are looked for in (default: ./runs)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.cmd == "demo":
         ok = True
         for i, name in enumerate(args.models.split(",")):
@@ -78,6 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "trace":
         return 0 if _trace_one(args.model, args.input_shape, args.freeze, args.json) else 1
     return _experiments(args)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return n
 
 
 def _experiments(args) -> int:
@@ -91,7 +139,9 @@ def _experiments(args) -> int:
                 return 2
             from experiments.executors import execute
 
-            run_dir = execute(experiments.load(args.spec), args.out, args.device, args.executor, args.address)
+            spec = experiments.load(args.spec)
+            experiments.check_names(spec, args.spec)
+            run_dir = execute(spec, args.out, args.device, args.executor, args.address, threads=args.threads)
             print(f"results: {run_dir / 'results.json'}\nreport:  {run_dir / 'report.md'}")
             return 0
         if args.cmd == "report":
@@ -107,7 +157,8 @@ def _experiments(args) -> int:
             for p in paths:
                 try:
                     spec = experiments.load(p)
-                    print(f"{str(p):45s} {spec.kind:11s} {spec.run_name()}")
+                    state = experiments.status(spec, args.out)
+                    print(f"{str(p):45s} {spec.kind:11s} {spec.run_name():40s} {state}")
                 except SpecError as e:
                     print(f"{str(p):45s} INVALID: {str(e).splitlines()[-1].strip()}")
             return 0

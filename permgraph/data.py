@@ -15,6 +15,7 @@ Torchvision data sets (``cifar10``, ``cifar100``, ``svhn``, ``mnist``, ``fashion
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from .errors import PermgraphError
+from .errors import PermgraphError, UnknownNameError
 
 
 class DatasetMissingError(PermgraphError, FileNotFoundError):
@@ -64,11 +65,15 @@ class Data:
         if shuffle is None:
             shuffle = split == "train" and subset is None
         gen = torch.Generator().manual_seed(seed) if shuffle else None
+        # A DataLoader draws a base seed for its workers each time it is iterated, from the global RNG
+        # unless it has a generator of its own: give it one, so iterating never moves the caller's RNG.
+        own = gen if gen is not None else torch.Generator().manual_seed(seed)
         if isinstance(ds, TensorDataset) and num_workers == 0:
             # in-memory tensors: index whole batches at once (same order as the item-wise loader)
             base = RandomSampler(ds, generator=gen) if shuffle else SequentialSampler(ds)
-            return DataLoader(ds, batch_size=None, sampler=BatchSampler(base, batch_size, drop_last))
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers,
+            return DataLoader(ds, batch_size=None, sampler=BatchSampler(base, batch_size, drop_last),
+                              generator=torch.Generator().manual_seed(seed))
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=own, num_workers=num_workers,
                           drop_last=drop_last)
 
     def subset(self, split: str, n: int) -> Dataset:
@@ -129,6 +134,21 @@ def _digits(normalize: bool, seed: int, **_) -> Data:
     return Data(tr, te, DataInfo("digits", (1, 8, 8), 10))
 
 
+def _keeping_global_rngs(fn, *args):
+    """``fn(*args)`` for a generator that seeds NumPy's and Python's global random number generators (as
+    mnist1d does): the caller's generators are put back afterwards."""
+    import random
+
+    import numpy as np
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        return fn(*args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
 def _mnist1d(normalize: bool, seed: int, **_) -> Data:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
@@ -136,7 +156,7 @@ def _mnist1d(normalize: bool, seed: int, **_) -> Data:
         raise DatasetMissingError("mnist1d needs the 'mnist1d' package: pip install mnist1d") from e
     args = get_dataset_args()
     args.seed = 42 + seed  # the package's default seed is 42; the data is generated locally
-    d = make_dataset(args)
+    d = _keeping_global_rngs(make_dataset, args)
     f = torch.float32
     tr = TensorDataset(torch.tensor(d["x"], dtype=f), torch.tensor(d["y"], dtype=torch.long))
     te = TensorDataset(torch.tensor(d["x_test"], dtype=f), torch.tensor(d["y_test"], dtype=torch.long))
@@ -258,7 +278,9 @@ def get(name: str, *, root=None, download: bool = False, normalize: bool = True,
         seed: the split seed (digits, mnist5k) / generation seed (mnist1d, fake).
     """
     if name not in REGISTRY:
-        raise ValueError(f"unknown data set {name!r}; available: {', '.join(available())}")
+        close = difflib.get_close_matches(str(name), available(), n=3)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise UnknownNameError(f"unknown data set {name!r}; {hint}available: {', '.join(available())}")
     data = REGISTRY[name](root=root, download=download, normalize=normalize, augment=augment, seed=seed, **kw)
     if augment and name in ("digits", "mnist5k", "fake") and len(data.info.input_shape) == 3:
         data.train_eval = data.train

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import SpecMismatchError
+from .train import _keeps_global_rng
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d)
@@ -248,6 +249,7 @@ class IMPResult:
                 for lv in self.levels]
 
 
+@_keeps_global_rng
 def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fraction: float = 0.2,
         rewind: int = 0, rewind_unit: str = "epoch", epochs: int | None = None, steps: int | None = None,
         init_seed: int = 0, data_seed: int = 0, scope: str = "global", include: Iterable[str] | None = None,
@@ -256,7 +258,8 @@ def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fracti
     """Iterative magnitude pruning with weight rewinding.
 
     Args:
-        model: a model, or a factory called after ``torch.manual_seed(init_seed)``.
+        model: a model (not changed), or a factory called after ``torch.manual_seed(init_seed)``. The
+            global torch generators are forked as in ``permgraph.train``: the caller's are unchanged.
         levels: number of pruning levels after the dense level 0.
         fraction: fraction of the remaining prunable weights removed per level (0.2 = open_lth's default).
         rewind: the rewind point, in ``rewind_unit`` ("epoch" or "step") of level 0's training;
@@ -303,14 +306,14 @@ def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fracti
         out = train(model, data, epochs=epochs, steps=steps, data_seed=data_seed, mask=mask, init_state=start,
                     checkpoints=[rewind] if level == 0 else [], checkpoint_unit=rewind_unit, checkpoint_dir=d,
                     progress=progress, device=device, **train_kw)
-        state = {k: v.detach().cpu().clone() for k, v in out["model"].state_dict().items()}
-        metrics = dict(out["history"][-1]) if out["history"] else {}
+        state = {k: v.detach().cpu().clone() for k, v in out.model.state_dict().items()}
+        metrics = out.final
         if d:
             save_state_dict(state, os.path.join(d, "final.safetensors"))
             if mask is not None:
                 mask.save(os.path.join(d, "mask.safetensors"))
             _atomic_text(json.dumps(metrics), os.path.join(d, "metrics.json"))
-        return {"state": state, "metrics": metrics, "rewind": out["checkpoint_states"].get(rewind)}
+        return {"state": state, "metrics": metrics, "rewind": out.checkpoint_states.get(rewind)}
 
     lv0 = run(0, None, init)
     if lv0.get("rewind") is not None:
@@ -406,7 +409,7 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
             start = mask.apply({k: v.clone() for k, v in imp_b.rewind_state.items()})
             out = train(copy.deepcopy(model_b), data, epochs=epochs, steps=steps, data_seed=data_seed,
                         mask=mask, init_state=start, progress=progress, device=device, **train_kw)
-            ev = evaluate(out["model"], test_loader, device)
+            ev = evaluate(out.model, test_loader, device)
             rows.append({"level": level, "density": mask.density(), "arm": arm, "test_loss": ev["loss"],
                          "test_error": ev["error"], "test_accuracy": ev["accuracy"]})
     return rows

@@ -8,7 +8,7 @@ An *axis tree* describes how the permutation groups act on one axis of one state
   reshape; the permutation is the Kronecker product, ``t1`` outermost);
 * ``{"sum": [t1, t2, ...]}``: the axis is the concatenation of the sub-axes (block-diagonal).
 
-This module imports no fx and does no I/O beyond (de)serialising strings.
+This module imports no torch; its only file I/O is ``PermutationSpec.save`` / ``PermutationSpec.load``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
+
+from .errors import FileFormatError
 
 Tree = Any  # str | int | dict[str, list[Tree]]
 
@@ -123,6 +126,10 @@ class PermutationSpec:
         frozen: the parts that must stay in place, with reasons.
         aliases: state-dict keys that share storage with another key (tied weights).
         info: free-form metadata (model class, example input shapes, verification result, timings).
+        input_shapes: ``(shape, dtype name)`` of each positional example input the spec was traced with,
+            e.g. ``(((4, 40), "float32"),)`` (never the values); ``check_equivalence`` and
+            ``from_json(model=...)`` build inputs like these when none are passed. Empty when unknown
+            (a spec saved by an older permgraph, or inputs that are not all tensors).
     """
 
     groups: dict[str, Group]
@@ -131,6 +138,7 @@ class PermutationSpec:
     frozen: list[FrozenPart] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    input_shapes: tuple[tuple[tuple[int, ...], str], ...] = ()
     _graph: nx.Graph | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
@@ -138,7 +146,7 @@ class PermutationSpec:
     def from_axes(cls, axes: dict[str, list[Tree]], shapes: dict[str, tuple[int, ...]],
                   group_sizes: dict[str, int], frozen: Iterable[FrozenPart] = (),
                   aliases: dict[str, str] | None = None, info: dict[str, Any] | None = None,
-                  graph: nx.Graph | None = None) -> PermutationSpec:
+                  graph: nx.Graph | None = None, input_shapes: Iterable = ()) -> PermutationSpec:
         members: dict[str, list[Member]] = {g: [] for g in group_sizes}
         for key, trees in axes.items():
             for dim, tree in enumerate(trees):
@@ -146,7 +154,8 @@ class PermutationSpec:
                     members[g].append(m)
         groups = {g: Group(g, group_sizes[g], tuple(ms)) for g, ms in members.items() if ms}
         spec = cls(groups=groups, axes=axes, shapes={k: tuple(v) for k, v in shapes.items()},
-                   frozen=list(frozen), aliases=dict(aliases or {}), info=dict(info or {}))
+                   frozen=list(frozen), aliases=dict(aliases or {}), info=dict(info or {}),
+                   input_shapes=_input_shapes(input_shapes))
         spec._graph = graph
         spec._check()
         return spec
@@ -226,7 +235,8 @@ class PermutationSpec:
             graph = self._graph.copy()
             graph.remove_nodes_from(ids)
             graph.remove_nodes_from([n for n in list(graph.nodes) if graph.degree(n) == 0])
-        return PermutationSpec.from_axes(axes, self.shapes, keep, frozen, self.aliases, self.info, graph)
+        return PermutationSpec.from_axes(axes, self.shapes, keep, frozen, self.aliases, self.info, graph,
+                                         self.input_shapes)
 
     def freeze_keys(self, patterns: Iterable[str], reason: str | None = None) -> PermutationSpec:
         """Freeze every group that acts on a state-dict key matching one of the glob ``patterns``."""
@@ -248,6 +258,7 @@ class PermutationSpec:
             "frozen": [{"size": f.size, "reason": f.reason, "axes": [str(a) for a in f.axes]}
                        for f in self.frozen],
             "aliases": dict(self.aliases),
+            "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in self.input_shapes],
             "info": _jsonable(self.info),
         }
 
@@ -256,29 +267,54 @@ class PermutationSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PermutationSpec:
-        if d.get("version") != SPEC_VERSION:
-            raise ValueError(f"unsupported spec version {d.get('version')!r} (expected {SPEC_VERSION})")
-        sizes = {g["id"]: int(g["size"]) for g in d["groups"]}
-        frozen = [FrozenPart(int(f["size"]), f["reason"], tuple(_parse_axis(a) for a in f["axes"]))
-                  for f in d.get("frozen", [])]
-        spec = cls.from_axes(d["axes"], {k: tuple(v) for k, v in d["shapes"].items()}, sizes, frozen,
-                             d.get("aliases", {}), d.get("info", {}))
-        hand = [g["id"] for g in d["groups"] if g.get("frozen")]
-        if hand:
-            spec = spec.freeze_groups(hand, "frozen by hand in the spec file")
-        return spec
+        """A spec from ``to_dict``'s dictionary. Raises ``FileFormatError`` (a ``ValueError``) if ``d`` is not
+        one (an unsupported version, a missing or malformed entry, inconsistent axis trees)."""
+        return _from_dict(cls, d, "the spec")
 
     @classmethod
-    def from_json(cls, text: str, model=None, example_inputs=None) -> PermutationSpec:
-        """Load a spec; when ``model`` is given, re-verify it against that model (raises
-        ``SpecMismatchError`` if the keys/shapes differ, ``VerificationError`` if a permutation changes
-        the output)."""
-        spec = cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, model=None, example_inputs=None, *, source: str | None = None) -> PermutationSpec:
+        """Load a spec from ``to_json``'s text; ``source`` (a file name, say) names the text in errors.
+
+        Raises ``FileFormatError`` (a ``ValueError``) if the text is not valid spec JSON. When ``model`` is
+        given, re-verify the spec against that model (raises ``SpecMismatchError`` if the keys/shapes
+        differ, ``VerificationError`` if a permutation changes the output) on ``example_inputs``, or when
+        those are omitted on inputs shaped like the ones the spec was traced with."""
+        what = source if source is not None else "the spec text"
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FileFormatError(f"{what} is not valid spec JSON (line {e.lineno} column {e.colno}: {e.msg}); "
+                                  "fix it, or write it again with spec.save(path)") from None
+        spec = _from_dict(cls, d, what)
         if model is not None:
             from ._verify import verify_spec
 
             verify_spec(spec, model, example_inputs)
         return spec
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``to_json()`` to ``path``."""
+        with open(os.fspath(path), "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None, example_inputs=None) -> PermutationSpec:
+        """Read a spec file written by ``save`` (or ``to_json``); errors name the file. A missing file
+        raises ``FileNotFoundError``, a corrupted one ``FileFormatError``; ``model`` and
+        ``example_inputs`` are as in ``from_json``."""
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"spec file {path} does not exist (write one with spec.save(path) or "
+                                    "permgraph trace --json)") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FileFormatError(f"{path} is not a spec file (not UTF-8 text); write it again with "
+                                  "spec.save(path)") from None
+        return cls.from_json(text, model, example_inputs, source=path)
 
     # ------------------------------------------------------------------ report
     def report(self, max_groups: int = 60) -> str:
@@ -369,6 +405,38 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _from_dict(cls, d: Any, what: str) -> PermutationSpec:
+    redo = "write it again with permgraph.trace(model).save(path)"
+    if not isinstance(d, dict) or "groups" not in d or "axes" not in d:
+        raise FileFormatError(f"{what} is not a permgraph spec (it has no 'groups' and 'axes'); {redo}")
+    if d.get("version") != SPEC_VERSION:
+        raise FileFormatError(f"{what} has spec version {d.get('version')!r}, but this permgraph reads version "
+                              f"{SPEC_VERSION}; {redo}")
+    try:
+        sizes = {g["id"]: int(g["size"]) for g in d["groups"]}
+        frozen = [FrozenPart(int(f["size"]), f["reason"], tuple(_parse_axis(a) for a in f["axes"]))
+                  for f in d.get("frozen", [])]
+        spec = cls.from_axes(d["axes"], {k: tuple(v) for k, v in d["shapes"].items()}, sizes, frozen,
+                             d.get("aliases", {}), d.get("info", {}),
+                             input_shapes=[(x["shape"], x["dtype"]) for x in d.get("inputs", [])])
+        hand = [g["id"] for g in d["groups"] if g.get("frozen")]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        detail = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
+        raise FileFormatError(f"{what} is not a valid permgraph spec ({detail}); fix it or {redo}") from e
+    if hand:
+        spec = spec.freeze_groups(hand, "frozen by hand in the spec file")
+    return spec
+
+
+def _input_shapes(items: Iterable) -> tuple[tuple[tuple[int, ...], str], ...]:
+    out = []
+    for shape, dtype in items:
+        if not isinstance(dtype, str) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape):
+            raise ValueError(f"input shapes must be (shape of ints >= 0, dtype name) pairs, got {(shape, dtype)!r}")
+        out.append((tuple(shape), dtype))
+    return tuple(out)
 
 
 def _parse_axis(text: str) -> AxisRef:

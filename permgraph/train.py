@@ -4,16 +4,20 @@
 step / cosine / constant), a data order fixed by ``data_seed`` (independent of the initialisation seed),
 checkpoints at a schedule, callbacks, and optional pruning masks that keep pruned weights exactly zero.
 Every ``checkpoint_dir`` write is atomic, and a run interrupted at any point resumes from its last
-checkpoint to the same result as an uninterrupted run.
+checkpoint to the same result as an uninterrupted run. The resumable state is one safetensors file
+(``last.safetensors``, see ``_save_train_state``): nothing permgraph reads is unpickled.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,21 +26,236 @@ from torch import nn
 
 from ._eval import evaluate
 from .data import Data
+from .errors import FileFormatError
 
 Callback = Callable[[dict[str, Any]], None]
 
+STATE_FILE = "last.safetensors"
+"""The file in a run's ``checkpoint_dir`` that holds its resumable state (see ``_save_train_state``)."""
+_PICKLED_STATE_FILE = "last.pt"  # what earlier versions wrote with torch.save: a pickle, so never loaded
+_STATE_KEY = "permgraph.train_state"  # the safetensors metadata entry that holds the JSON document
+_STATE_VERSION = 1  # raise it when the layout changes: a reader refuses versions it does not know
 
-def _atomic_save(obj, path: str) -> None:
+
+@dataclass(frozen=True, repr=False)
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+        model: the trained model, in eval mode: the module that was passed in (trained in place), or the
+            one the factory built.
+        history: one metrics dict per finished epoch, oldest first, with ``epoch``, ``step``, ``lr``,
+            ``train_loss``, ``train_error`` and, on evaluated epochs, ``test_loss`` and ``test_error``. A
+            resumed run's history includes the epochs trained before the interruption.
+        checkpoints: unit index -> path of its ``ckpt_{unit}{n}.safetensors`` (empty without a
+            ``checkpoint_dir``).
+        checkpoint_states: unit index -> state dict (CPU tensors) of each checkpoint, kept in memory when
+            no ``checkpoint_dir`` was given (empty with one).
+        steps: the optimizer steps taken in all, those before a resume included.
+    """
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    checkpoints: dict[int, str]
+    checkpoint_states: dict[int, dict[str, torch.Tensor]]
+    steps: int
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last epoch's metrics, or ``{}`` if no epoch finished. A copy: changing it leaves
+        ``history`` as it is."""
+        return dict(self.history[-1]) if self.history else {}
+
+    def __repr__(self) -> str:  # short on purpose: the model and the weights would bury the numbers
+        parts = [f"steps={self.steps}", f"epochs={len(self.history)}"]
+        if "test_error" in self.final:
+            parts.append(f"test_error={self.final['test_error']:.4g}")
+        units = sorted(self.checkpoints or self.checkpoint_states)
+        if units:
+            parts.append(f"checkpoints={units}")
+        return f"TrainResult({', '.join(parts)})"
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Create ``path`` by calling ``write(tmp)`` on a temporary file in the same folder, then renaming it:
+    a reader, or a run resumed after a crash, finds the old file or the new one, never part of one."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    # a contiguous copy of its own: safetensors refuses tensors that share memory (tied weights)
+    return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+def _save_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, dev: torch.device, step: int,
+                      history: list[dict[str, Any]], saved: Mapping[int, str]) -> None:
+    """Write the resumable state of a run to ``path``: one safetensors file, replaced atomically.
+
+    Tensors, bit-exact in their own dtypes:
+
+    * ``model/<key>``: the model's state dict;
+    * ``optimizer/<i>/<name>``: the tensors of the optimizer's state of parameter ``i`` (in optimizer
+      order): SGD's momentum buffers, Adam's moments and step counts, ...;
+    * ``rng/cpu`` and, on CUDA, ``rng/cuda``: the global generators, so that what a resumed run draws
+      (dropout) is what the uninterrupted run drew.
+
+    Metadata ``permgraph.train_state``: a JSON document ``{"format_version": 1, "step", "history",
+    "checkpoints": {unit index: file name in the same folder}, "optimizer": {"class", "param_groups",
+    "state": {i: {"tensors": [names], "values": {name: non-tensor value}}}}}``. Nothing is pickled.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {f"model/{k}": _cpu_copy(v) for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    opt_state = {}
+    for i, st in osd["state"].items():
+        names = sorted(k for k, v in st.items() if isinstance(v, torch.Tensor))
+        opt_state[str(i)] = {"tensors": names, "values": {k: v for k, v in st.items() if k not in names}}
+        tensors.update({f"optimizer/{i}/{k}": _cpu_copy(st[k]) for k in names})
+    tensors["rng/cpu"] = torch.get_rng_state()
+    if dev.type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(dev)
+    doc = {"format_version": _STATE_VERSION, "step": step, "history": history,
+           "checkpoints": {str(n): name for n, name in saved.items()},
+           "optimizer": {"class": type(opt).__name__, "param_groups": osd["param_groups"], "state": opt_state}}
+    metadata = {_STATE_KEY: json.dumps(doc)}  # Python floats survive JSON exactly (repr round-trips)
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _load_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer,
+                      dev: torch.device) -> tuple[int, list[dict[str, Any]], dict[int, str]]:
+    """Restore the model, the optimizer and the global generators from a ``_save_train_state`` file and
+    return (step, history, unit index -> checkpoint file name). Run it inside ``torch.random.fork_rng``
+    (``train`` does), since it sets the generators.
+
+    Raises ``FileFormatError``, naming ``path``, if the file is truncated, is not a permgraph training
+    state or belongs to another model or optimizer; then nothing has been changed. The file is only ever
+    parsed as safetensors and JSON, so a malicious one cannot run code.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    def bad(problem: str) -> FileFormatError:
+        return FileFormatError(f"training state {path} {problem}; delete it to restart training from the "
+                               "beginning (or train with resume=False, which overwrites it)")
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise bad(f"is truncated or not a safetensors file ({e})") from None
+    if _STATE_KEY not in metadata:
+        raise bad(f"is not a permgraph training state (its metadata has no {_STATE_KEY!r} entry)")
+    try:
+        doc = json.loads(metadata[_STATE_KEY])
+    except ValueError as e:
+        raise bad(f"has a damaged {_STATE_KEY!r} entry ({e})") from None
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if version != _STATE_VERSION:
+        raise bad(f"has format version {version!r}; this permgraph reads version {_STATE_VERSION}")
+    try:
+        step, history = doc["step"], doc["history"]
+        saved = {int(n): name for n, name in doc["checkpoints"].items()}
+        cls, groups = doc["optimizer"]["class"], doc["optimizer"]["param_groups"]
+        opt_state = {int(i): (e["tensors"], e["values"]) for i, e in doc["optimizer"]["state"].items()}
+        if not (isinstance(step, int) and step >= 0 and isinstance(history, list)
+                and all(isinstance(r, dict) for r in history) and isinstance(groups, list)
+                and all(isinstance(g, dict) for g in groups)
+                and all(isinstance(v, dict) and all(isinstance(n, str) for n in t) for t, v in opt_state.values())
+                # plain names in the run's folder: the paths returned are built from them
+                and all(isinstance(n, str) and n == os.path.basename(n) for n in saved.values())):
+            raise ValueError("a field has the wrong type")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise bad(f"has a malformed {_STATE_KEY!r} entry ({type(e).__name__}: {e})") from None
+
+    # check everything against this run before changing anything
+    if cls != type(opt).__name__:
+        raise bad(f"was written with the {cls} optimizer, this run uses {type(opt).__name__}")
+    own = model.state_dict()
+    weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    differ = sorted(set(own) ^ set(weights)) or [k for k in own if own[k].shape != weights[k].shape]
+    if differ:
+        raise bad(f"holds the weights of another model (first difference: {differ[0]!r})")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, (names, values) in opt_state.items():
+        if not 0 <= i < len(params):
+            raise bad(f"holds optimizer state of parameter {i}; the model has {len(params)}")
+        state[i] = dict(values)
+        for name in names:
+            t = tensors.get(f"optimizer/{i}/{name}")
+            if t is None or (t.dim() and t.shape != params[i].shape):  # 0-dim: step counts
+                raise bad(f"lacks the optimizer tensor optimizer/{i}/{name} or it has the wrong shape")
+            state[i][name] = t
+    if len(groups) != len(opt.param_groups):
+        raise bad(f"has {len(groups)} optimizer parameter groups, this run {len(opt.param_groups)}")
+    # JSON turned tuples (Adam's betas) into lists; give them back the type the optimizer was built with
+    groups = [{k: tuple(v) if isinstance(live.get(k), tuple) and isinstance(v, list) else v for k, v in g.items()}
+              for g, live in zip(groups, opt.param_groups)]
+    # the CPU generator is always saved, CUDA's by runs on CUDA only: a run moved from the CPU to CUDA
+    # draws on from CUDA's generator as it stands
+    def generator_state_like(t: torch.Tensor | None, like: torch.Tensor) -> bool:
+        return t is not None and t.dtype == like.dtype and t.shape == like.shape
+
+    rng_cpu = tensors.get("rng/cpu")
+    rng_cuda = tensors.get("rng/cuda") if dev.type == "cuda" else None
+    if not generator_state_like(rng_cpu, torch.get_rng_state()):
+        raise bad("lacks the CPU generator's state rng/cpu, or it is not one")
+    if rng_cuda is not None and not generator_state_like(rng_cuda, torch.cuda.get_rng_state(dev)):
+        raise bad("has a CUDA generator state rng/cuda that is not one")
+
+    try:  # torch checks the groups' sizes before it changes the optimizer
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError) as e:
+        raise bad(f"does not fit this run's optimizer ({e})") from None
+    model.load_state_dict(weights)
+    torch.set_rng_state(rng_cpu)
+    if rng_cuda is not None:
+        torch.cuda.set_rng_state(rng_cuda, dev)
+    return step, history, saved
+
+
+def _cuda_devices_to_fork(model: nn.Module | Callable[[], nn.Module], device) -> list[int]:
+    """The CUDA devices whose generators a run of ``train`` or ``imp`` may seed or draw from (the CPU's
+    is always forked).
+
+    ``torch.manual_seed`` reseeds every CUDA generator, so all of them are forked once CUDA is in use:
+    when the run is on CUDA, or the caller has initialised CUDA. Otherwise none, so that a CPU run does
+    not initialise CUDA (a factory that builds on CUDA by itself initialises it within the run; the
+    caller had no CUDA generator state to keep).
+    """
+    if device is not None:
+        target = torch.device(device)
+    elif isinstance(model, nn.Module):
+        target = next(model.parameters(), torch.empty(0)).device
+    else:
+        target = torch.device("cpu")
+    if target.type == "cuda" or torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
+
+
+def _keeps_global_rng(fn):
+    """Run ``fn(model, data, ..., device=...)`` (``train``, ``prune.imp``) inside ``torch.random.fork_rng``:
+    seeding, building and training draw from the global generators exactly as if they were not forked,
+    and the caller finds the generators as it left them."""
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        devices = _cuda_devices_to_fork(model, kwargs.get("device"))
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            return fn(model, *args, **kwargs)
+
+    return run
 
 
 def _atomic_text(text: str, path: str) -> None:
@@ -72,10 +291,25 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str) -> None:
             os.remove(tmp)
 
 
-def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict written by ``save_state_dict``. Raises ``FileNotFoundError`` if ``path`` does not
+    exist and ``FileFormatError`` (naming the file) if it is truncated or not a safetensors file."""
     from safetensors.torch import load_file
 
-    return load_file(path)
+    from .errors import FileFormatError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"state-dict file {path} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder, not a state-dict file")
+    try:
+        return load_file(path)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError (a bad header) and friends
+        raise FileFormatError(f"state-dict file {path} is truncated or not a safetensors file ({e}); delete it "
+                              "and rerun to train the network again, or save it again with save_state_dict") from None
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, warmup: int, milestones: Iterable[int],
@@ -103,6 +337,7 @@ def apply_mask_(model: nn.Module, mask: Mapping[str, torch.Tensor] | None) -> No
             params[k].mul_(m.to(params[k].device, params[k].dtype))
 
 
+@_keeps_global_rng
 def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int | None = None,
           steps: int | None = None, batch_size: int = 128, optimizer: str = "sgd", lr: float = 0.1,
           momentum: float = 0.9, weight_decay: float = 5e-4, schedule: str = "step", warmup: int = 0,
@@ -110,28 +345,42 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
           checkpoints: Iterable[int] = (), checkpoint_unit: str = "epoch", checkpoint_dir: str | None = None,
           mask: Mapping[str, torch.Tensor] | None = None, init_state: Mapping[str, torch.Tensor] | None = None,
           callbacks: Iterable[Callback] = (), eval_every: int = 1, eval_subset: int | None = None,
-          progress: bool = True, device=None, resume: bool = True) -> dict[str, Any]:
+          progress: bool = True, device=None, resume: bool = True) -> TrainResult:
     """Train ``model`` (or build it from a factory with ``init_seed``) on ``data``.
+
+    The global torch generators (CPU, and CUDA's once in use) are forked for the run: seeding, building
+    and training draw from them as they are, and the caller finds them unchanged afterwards. So a factory
+    called without ``init_seed`` builds the same weights on every call until the caller draws or seeds.
 
     Args:
         epochs / steps: length of training (give one). ``warmup``, ``milestones`` are in optimizer steps
             when ``steps`` is given, in epochs otherwise.
         schedule: "step" (x ``gamma`` at each milestone), "cosine" or "constant", after linear warm-up.
-        init_seed: seeds ``torch.manual_seed`` before calling a model factory. ``data_seed`` alone fixes
-            the order of the training data (the two are independent).
+        init_seed: the factory is called after ``torch.manual_seed(init_seed)`` (ignored for a module).
+            ``data_seed`` alone fixes the order of the training data (the two are independent).
         checkpoints: when to save weights (in ``checkpoint_unit`` = "epoch" or "step"; 0 = the initial
             weights). Saved as ``checkpoint_dir/ckpt_{unit}{n}.safetensors``.
-        checkpoint_dir: where checkpoints, the resumable state (``last.pt``) and the metrics log
-            (``metrics.jsonl``) go. Without it nothing is written.
+        checkpoint_dir: where checkpoints, the resumable state (``last.safetensors``, rewritten after
+            every epoch) and the metrics log (``metrics.jsonl``) go. Without it nothing is written.
         mask: state-dict key -> bool tensor; masked weights are zero at the start and stay exactly zero
             through every step (gradients and momentum are masked too).
         init_state: load these weights before training (e.g. an IMP rewind point).
         callbacks: functions called with a dict (event, epoch, step, model, metrics) after every epoch.
-        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        resume: continue from ``checkpoint_dir/last.safetensors`` when it exists: the weights, the
+            optimizer's state, the generators, the step and the history, so that the result is
+            bit-identical to an uninterrupted run's (not with ``augment=True`` data, whose augmentation
+            generator belongs to the data set). A ``last.pt`` (the pickle earlier versions wrote) is
+            never loaded, as unpickling can run code: a warning says so.
 
     Returns:
-        a dict with the final "model", the per-epoch "history" (list of metric dicts), "checkpoints"
-        (unit index -> path) and, without a checkpoint_dir, "checkpoint_states" (unit index -> weights).
+        a ``TrainResult``: ``.model`` (trained, in eval mode), ``.history`` (one metrics dict per epoch),
+        ``.final`` (the last of them), ``.checkpoints`` (unit index -> path, with a ``checkpoint_dir``),
+        ``.checkpoint_states`` (unit index -> weights, without one) and ``.steps``.
+
+    Raises:
+        ValueError: invalid settings, or a mask that does not fit the model.
+        FileFormatError: ``last.safetensors`` is truncated, not a permgraph training state, or the state
+            of another model or optimizer (the message names the file; delete it to restart).
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
@@ -178,12 +427,16 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
         raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
 
     step, history, saved = 0, [], {}
-    last = os.path.join(checkpoint_dir, "last.pt") if checkpoint_dir else None
-    if resume and last and os.path.exists(last):
-        st = torch.load(last, map_location=dev, weights_only=False)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        step, history, saved = st["step"], st["history"], st["checkpoints"]
+    last = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir else None
+    if resume and checkpoint_dir:
+        pickled = os.path.join(checkpoint_dir, _PICKLED_STATE_FILE)
+        if os.path.exists(pickled):
+            then = "resumes from " + STATE_FILE if os.path.exists(last) else "restarts from the beginning"
+            warnings.warn(f"{pickled} is an old pickle-based training state: it is not loaded, for safety "
+                          f"(unpickling can run code), and training {then}. Delete it to silence this warning.",
+                          stacklevel=3)  # 3: the caller of train, past the _keeps_global_rng wrapper
+        if os.path.exists(last):
+            step, history, saved = _load_train_state(last, model, opt, dev)
 
     def ckpt_path(n: int) -> str:
         return os.path.join(checkpoint_dir, f"ckpt_{checkpoint_unit}{n}.safetensors")
@@ -201,8 +454,7 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
 
     def save_last() -> None:
         if last:
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                          "history": history, "checkpoints": saved}, last)
+            _save_train_state(last, model, opt, dev, step, history, saved)
 
     log_path = os.path.join(checkpoint_dir, "metrics.jsonl") if checkpoint_dir else None
     eval_loader = data.loader("test", 512, shuffle=False, subset=eval_subset)
@@ -269,5 +521,4 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
         bar.close()
     model.eval()
     paths = {k: os.path.join(checkpoint_dir, v) for k, v in saved.items()} if checkpoint_dir else {}
-    return {"model": model, "history": history, "checkpoints": paths, "checkpoint_states": in_memory,
-            "steps": step}
+    return TrainResult(model=model, history=history, checkpoints=paths, checkpoint_states=in_memory, steps=step)

@@ -24,7 +24,7 @@ def _cnn(seed=0):
 @pytest.fixture(scope="module")
 def trained_cnn(digits):
     return permgraph.train(lambda: _cnn(0), digits, epochs=2, lr=0.05, batch_size=64, init_seed=0,
-                           data_seed=0, progress=False)["model"]
+                           data_seed=0, progress=False).model
 
 
 def test_interpolate_lerps_floats_and_keeps_integer_buffers_from_a():
@@ -144,7 +144,7 @@ def test_repair_matches_the_targeted_statistics(digits):
 def _mnist1d_mlp(seed, d):
     return permgraph.train(lambda: models.create("mlp", in_features=40, width=128, depth=2), d, epochs=10,
                            lr=0.05, batch_size=128, weight_decay=0.0, schedule="constant", init_seed=seed,
-                           data_seed=seed, progress=False)["model"]
+                           data_seed=seed, progress=False).model
 
 
 def test_alignment_lowers_the_error_barrier_on_mnist1d():

@@ -1,6 +1,8 @@
 """Experiment suite: spec validation, run hashes, the pair runner end to end, resume after a kill, CLI."""
 
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -8,10 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import experiments
+import permgraph
+from experiments.common import Context, Progress
 from experiments.spec import SpecError
+from experiments.store import Store
 from permgraph.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +124,7 @@ def test_killed_run_resumes_and_loses_nothing(tiny_run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run: after the first unit, before the end
     proc.wait()
     assert list(out.rglob("units/pair_0_1.json")), "the run did not get far enough to test resuming"
-    kept = {p: p.read_bytes() for p in out.rglob("*.json")}
+    kept = {p: p.read_bytes() for p in out.rglob("*.json") if p.name != "meta.json"}  # meta.json logs invocations
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     for p, data in kept.items():  # nothing already written was lost or changed
         assert p.read_bytes() == data
@@ -126,13 +132,112 @@ def test_killed_run_resumes_and_loses_nothing(tiny_run, tmp_path):
     assert (run_dir / "results.json").read_bytes() == (reference / "results.json").read_bytes()
 
 
-def test_cli_list_report_and_errors(tiny_run, capsys):
-    _, run_dir = tiny_run
+def test_cli_list_report_and_errors(tiny_run, tmp_path, capsys):
+    out, run_dir = tiny_run
     assert main(["list", str(ROOT / "specs")]) == 0
     listed = capsys.readouterr().out
     assert "quickstart.yaml" in listed and "pair-quickstart-" in listed and "INVALID" not in listed
+    # the status column: the tiny spec has finished in its store, and has not run in another
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    assert main(["list", str(tmp_path / "specs"), "--out", str(out)]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "tiny.yaml" in line and run_dir.name in line and line.endswith(" finished")
+    assert main(["list", str(tmp_path / "specs"), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(" not run")
     (run_dir / "report.md").unlink()
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.md").exists()
     assert main(["run", "nope.yaml"]) == 2
     assert "no such spec file" in capsys.readouterr().err
+
+
+def test_status_finished_partial_or_not_run(tmp_path):
+    spec = experiments.parse(TINY)
+    assert experiments.status(spec, tmp_path) == "not run"
+    units = Store(tmp_path).run_dir(spec) / "units"
+    units.mkdir(parents=True)  # a run folder without finished units: nothing to resume
+    assert experiments.status(spec, tmp_path) == "not run"
+    (units / "pair_0_1.json").write_text("{}")
+    assert experiments.status(spec, tmp_path) == "partial: 1 unit done (rerun to resume)"
+    (units / "pair_2_3.json").write_text("{}")
+    assert experiments.status(spec, tmp_path) == "partial: 2 units done (rerun to resume)"
+    (units.parent / "results.json").write_text("{}")
+    assert experiments.status(spec, tmp_path) == "finished"
+
+
+LINE = re.compile(r"^\[ *\d+\.\ds\] ")
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tiny_run, tmp_path, capsys):
+    _, reference = tiny_run
+    with torch.random.fork_rng():  # the data loaders draw a seed from the global generator
+        run_dir = experiments.run(experiments.parse(TINY), out=tmp_path, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if LINE.match(line)]
+    text = "\n".join(lines)
+    assert "network 1/4 (seed 0): epoch 1/2, train loss" in text and "network 4/4 (seed 3): epoch 2/2" in text
+    assert "pair 1/2 (seeds 0-1): weight matching done" in text and "pair 1/2 (seeds 0-1): barriers" in text
+    assert "pair 2/2 (seeds 2-3): done" in text and "all done" in lines[-1]
+    assert len([line for line in lines if ": epoch " in line]) <= 4 * 2  # at most one line per epoch
+    # progress goes to stderr and log.txt, never into the results
+    assert (run_dir / "results.json").read_bytes() == (reference / "results.json").read_bytes()
+    assert "network 1/4 (seed 0): epoch 2/2" in (run_dir / "log.txt").read_text()
+    with torch.random.fork_rng():
+        experiments.run(experiments.parse(TINY), out=tmp_path, progress=True)
+    text = capsys.readouterr().err
+    assert "pair 1/2 (seeds 0-1): finished earlier (loaded from the store)" in text and ": epoch " not in text
+    assert "networks: 0 trained" in text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_helper_lines(capsys):
+    def train(p, epochs=3):
+        with p.training("seed 7", epochs) as callbacks:
+            for e in range(1, epochs + 1):
+                for cb in callbacks:
+                    cb({"event": "epoch_end", "epoch": e, "step": e, "model": None, "metrics": {"test_error": 0.25}})
+
+    quiet = Progress(enabled=False)  # progress=False: nothing at all
+    train(quiet)
+    with quiet.unit("pair", 1, 2, "seeds 0-1"), quiet.step("weight matching"):
+        pass
+    quiet.finish()
+    assert capsys.readouterr().err == ""
+    buf = io.StringIO()
+    p = Progress(stream=buf, every=0.0)
+    p.networks = 2
+    with p.unit("pair", 1, 2, "seeds 0-1"):
+        train(p)
+        with p.step("weight matching"):
+            pass
+    lines = buf.getvalue().splitlines()
+    assert all(LINE.match(line) for line in lines)
+    assert [line.split("] ", 1)[1].split(", ETA")[0] for line in lines[:3]] == [
+        "network 1/2 (seed 7): training, 3 epochs", "network 1/2 (seed 7): epoch 1/3, test error 0.250",
+        "network 1/2 (seed 7): epoch 2/3, test error 0.250"]
+    assert "epoch 3/3, test error 0.250, trained in" in lines[3] and "ETA" in lines[3]  # network 2/2 is left
+    assert "pair 1/2 (seeds 0-1): weight matching done" in lines[4]
+    assert "pair 1/2 (seeds 0-1): done (" in lines[5] and "ETA" in lines[5]
+    with p.unit("pair", 2, 2, "seeds 2-3"):
+        pass
+    assert buf.getvalue().splitlines()[-1].endswith("pair 2/2 (seeds 2-3): finished earlier (loaded from the store)")
+    # in a terminal the epochs are permgraph.train's tqdm bar: only the last epoch gets a line
+    term = _Terminal()
+    train(Progress(stream=term))
+    start, end = term.getvalue().splitlines()
+    assert "network 1/1 (seed 7): training" in start and "network 1/1 (seed 7): epoch 3/3" in end
+
+
+def test_context_build_leaves_the_global_random_state_as_it_was(tmp_path):
+    ctx = Context(experiments.parse(TINY), Store(tmp_path), progress=False)
+    before = torch.get_rng_state()
+    model = ctx.build(3)
+    assert torch.equal(torch.get_rng_state(), before)
+    with torch.random.fork_rng():  # the same weights as seeding the global generator
+        torch.manual_seed(3)
+        expected = permgraph.models.create("mlp", **TINY["model"]["kwargs"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))

@@ -30,3 +30,18 @@ def test_cli_trace_writes_a_loadable_spec(tmp_path, capsys):
     spec = permgraph.PermutationSpec.from_json(out.read_text())
     assert len(spec.groups) == 3
     assert "coverage report" in capsys.readouterr().out
+
+
+def test_readme_python_blocks_run_verbatim_in_order_in_a_fresh_interpreter(tmp_path):
+    """The README's API tour is what a new user pastes first: every ```python block, in order, as one
+    script in a new interpreter (files it writes land in a temporary folder)."""
+    import subprocess
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "README.md has no python blocks"
+    script = tmp_path / "readme_tour.py"
+    script.write_text("\n".join(blocks))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"README tour failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

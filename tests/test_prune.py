@@ -140,3 +140,19 @@ def test_permuted_mask_beats_the_unpermuted_mask_at_high_sparsity_on_mnist1d():
     # level_perm 0.57/0.56, unpermuted 0.70/0.66, random 0.81/0.75, one-shot 0.55/0.53
     assert err["dense_perm"] < err["unpermuted"] - 0.04, err
     assert err["dense_perm"] < err["random"] - 0.1, err
+
+
+def test_imp_leaves_the_global_generator_as_it_found_it():
+    d = data.get("fake", input_shape=(16,), num_classes=4, n_train=512, n_test=128)
+
+    def mlp():
+        return models.create("mlp", in_features=16, width=32, depth=2, num_classes=4)
+
+    kw = dict(levels=1, fraction=0.5, rewind=1, init_seed=3, **{**TRAIN, "epochs": 2})
+    before = torch.get_rng_state()
+    a = permgraph.imp(mlp, d, **kw)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = permgraph.imp(mlp, d, **kw)
+    assert torch.equal(torch.get_rng_state(), before)
+    for la, lb in zip(a.levels, b.levels):
+        assert all(torch.equal(la.state[k], lb.state[k]) for k in la.state)

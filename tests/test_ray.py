@@ -13,14 +13,25 @@ from pathlib import Path
 
 import pytest
 
-# A loopback-only test cluster with token authentication. Ray reads these when it is imported, so they
-# are set before the import; the driver (this process), the head and the worker share the token.
-os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-                   "RAY_AUTH_TOKEN": os.environ.get("PERMGRAPH_TEST_RAY_TOKEN") or secrets.token_hex(32)})
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'permgraph[ray]')")
 
 import experiments  # noqa: E402
 from experiments.executors import execute  # noqa: E402
+
+# A loopback-only test cluster with token authentication: the driver (this process), the head and the
+# worker share the token through these variables, set for this module's tests only (see ``cluster``).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": os.environ.get("PERMGRAPH_TEST_RAY_TOKEN") or secrets.token_hex(32)}
+
+
+def _refresh_ray_auth() -> None:
+    """Ray caches its authentication settings; make it read the environment again."""
+    try:
+        from ray._private.authentication_test_utils import reset_auth_token_state
+    except ImportError:  # older Ray: the settings are read at connection time
+        return
+    reset_auth_token_state()
+
 
 GRID = {
     "kind": "pair", "name": "raygrid",
@@ -41,33 +52,46 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    saved = {k: os.environ.get(k) for k in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    _refresh_ray_auth()
     exe = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     port = _free_port()
     env = dict(os.environ)
     tmp = tmp_path_factory.mktemp("ray")
     head = [exe, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
             "--include-dashboard=false", f"--temp-dir={tmp}", "--disable-usage-stats"]
-    subprocess.run(head, check=True, capture_output=True, env=env, timeout=120)
-    address = f"127.0.0.1:{port}"
-    worker = [exe, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-              "--disable-usage-stats"]
-    subprocess.run(worker, check=True, capture_output=True, env=env, timeout=120)
     try:
+        subprocess.run(head, check=True, capture_output=True, env=env, timeout=120)
+        address = f"127.0.0.1:{port}"
+        worker = [exe, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                  "--disable-usage-stats"]
+        subprocess.run(worker, check=True, capture_output=True, env=env, timeout=120)
         yield address
     finally:
+        # disconnect before the cluster goes: `ray stop` terminates the processes still connected to it
+        if ray.is_initialized():
+            ray.shutdown()
         subprocess.run([exe, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _refresh_ray_auth()
 
 
 @pytest.fixture(scope="module")
 def local_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
-    run_dir = execute(experiments.parse(GRID), out, executor="local")
+    run_dir = execute(experiments.parse(GRID), out, executor="local", threads=1)
     return (run_dir / "results.json").read_bytes()
 
 
 def test_ray_cluster_gives_the_local_results(cluster, local_result, tmp_path):
-    run_dir = execute(experiments.parse(GRID), tmp_path, executor="ray", address=cluster)
+    run_dir = execute(experiments.parse(GRID), tmp_path, executor="ray", address=cluster, threads=1)
     assert (run_dir / "results.json").read_bytes() == local_result
+    assert not ray.is_initialized(), "the executor left its connection to the cluster open"
     # finished units are skipped on a second run, on either executor
     units = {p: p.stat().st_mtime_ns for p in (run_dir / "units").iterdir()}
     execute(experiments.parse(GRID), tmp_path, executor="ray", address=cluster)

@@ -6,6 +6,7 @@ so that :func:`example_inputs_for` can build an input for tracing or testing.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from permgraph.errors import UnknownNameError
 
 __all__ = [
     "MLP",
@@ -409,21 +412,59 @@ def _reject_download_kw(prefix: str, kw: Mapping[str, Any]) -> None:
             )
 
 
+def _close(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=4, cutoff=0.6)
+    return f"did you mean {', '.join(map(repr, close))}? " if close else ""
+
+
+def _prefixed(name: str) -> list[str]:
+    """``timm:name`` and ``torchvision:name`` where those libraries have a model ``name``."""
+    out = []
+    try:
+        import timm
+
+        if timm.is_model(name):
+            out.append(f"timm:{name}")
+        import torchvision.models as tvm
+
+        if name.lower() in tvm.list_models():
+            out.append(f"torchvision:{name}")
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+    return out
+
+
+def _build(label: str, builder: Callable[..., nn.Module], kw: dict[str, Any]) -> nn.Module:
+    """Call ``builder(**kw)``; an unexpected keyword argument becomes a TypeError naming the model."""
+    try:
+        return builder(**kw)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e) and "got multiple values" not in str(e):
+            raise
+        args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+        raise TypeError(f"cannot build {label} with {args or 'no arguments'}: {e}") from None
+
+
 def _create_timm(name: str, kw: dict[str, Any]) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+        raise UnknownNameError(
+            f"unknown timm model {name!r}; {_close(name, timm.list_models())}see the available ones with "
+            f"timm.list_models('*{name.split('.')[0][:12]}*') or timm.list_models()")
     _reject_download_kw("timm", kw)
     kw.pop("pretrained", None)
-    return timm.create_model(name, pretrained=False, **kw)
+    return _build(f"timm:{name}", lambda **k: timm.create_model(name, pretrained=False, **k), kw)
 
 
 def _create_torchvision(name: str, kw: dict[str, Any]) -> nn.Module:
     import torchvision.models as tvm
 
-    if name.lower() not in tvm.list_models():
-        raise ValueError(f"unknown torchvision model {name!r} (see torchvision.models.list_models())")
+    names = tvm.list_models()
+    if name.lower() not in names:
+        raise UnknownNameError(
+            f"unknown torchvision model {name!r}; {_close(name.lower(), names)}see the available ones with "
+            "torchvision.models.list_models()")
     _reject_download_kw("torchvision", kw)
     kw.pop("pretrained", None)
     kw.pop("weights", None)
@@ -431,7 +472,7 @@ def _create_torchvision(name: str, kw: dict[str, Any]) -> nn.Module:
     if "weights_backbone" in params:
         # detection/segmentation builders default to downloading backbone weights
         kw["weights_backbone"] = None
-    return tvm.get_model(name, weights=None, **kw)
+    return _build(f"torchvision:{name}", lambda **k: tvm.get_model(name, weights=None, **k), kw)
 
 
 def create(name: str, **kw: Any) -> nn.Module:
@@ -440,6 +481,8 @@ def create(name: str, **kw: Any) -> nn.Module:
     ``name`` is one of :func:`available` (``"mlp"``, ``"vgg11|13|16|19"``,
     ``"resnet20|32|56"``), ``"timm:<model>"`` or ``"torchvision:<model>"``.
     Keyword arguments go to the model constructor. Nothing is ever downloaded.
+    An unknown name raises :class:`permgraph.UnknownNameError` (a ``ValueError``)
+    that suggests close matches; an unknown keyword argument raises ``TypeError``.
 
     Example:
         >>> model = create("vgg11", width_multiplier=0.25, norm="ln")
@@ -452,15 +495,17 @@ def create(name: str, **kw: Any) -> nn.Module:
         if name.startswith(prefix):
             sub = name[len(prefix) :]
             if not sub:
-                raise ValueError(f"missing model name after {prefix!r}")
+                raise UnknownNameError(f"missing model name after {prefix!r}, e.g. {prefix}resnet18")
             return builder(sub, dict(kw))
     factory = _ZOO.get(name)
     if factory is None:
-        raise ValueError(
-            f"unknown model name {name!r}; available names: {', '.join(available())}; "
+        pref = _prefixed(name)
+        hint = f"did you mean {' or '.join(map(repr, pref))}? " if pref else _close(name, available())
+        raise UnknownNameError(
+            f"unknown model name {name!r}; {hint}available names: {', '.join(available())}; "
             "or use the 'timm:<name>' / 'torchvision:<name>' prefixes"
         )
-    return factory(**kw)
+    return _build(repr(name), factory, kw)
 
 
 # --------------------------------------------------------------------------- #
