@@ -1,4 +1,4 @@
-"""Activation matching: one pass of each model over the data, streaming cross-moments per group.
+"""Activation matching: one pass of each model over the data, streaming cross-moments per tap of each group.
 
 Taps: for every group, the graph nodes whose output carries the group on one dim while every other dim
 is a sample dim (batch, spatial positions, tokens) — preferring post-nonlinearity activations, then
@@ -98,11 +98,13 @@ class _Template:
             elif cat == cur[0]:
                 cur[1].append((node.name, grouped[0]))
         self.taps = {g: v[1] for g, v in best.items()}
-        # tapped node -> (group, dim) of every group it feeds
-        self.slots: dict[str, list[tuple[str, int]]] = {}
+        # tapped node -> (group, dim, k) of every group it feeds, k numbering the group's taps in graph
+        # order: each tap keeps its own statistics (``_TapMoments``), keyed by (group, k) rather than by
+        # node name, so that the graphs exported for other batch shapes feed the same statistics
+        self.slots: dict[str, list[tuple[str, int, int]]] = {}
         for g, lst in self.taps.items():
-            for name, dim in lst:
-                self.slots.setdefault(name, []).append((g, dim))
+            for k, (name, dim) in enumerate(lst):
+                self.slots.setdefault(name, []).append((g, dim, k))
         gm = ep.module()
         own = _named_tensors(a)
         self.targets: list[str] = []  # what the graph reads; side "a"/"b" reads target i as attribute a{i}/b{i}
@@ -294,7 +296,7 @@ class _Pair:
 
 
 class _Moments:
-    """Streaming first/second moments and cross-moments of two activation sets.
+    """Streaming first/second moments and cross-moments of two activation sets (one tap of a group).
 
     Accumulators are float64; each batch's products are computed in the activations' dtype. Values are
     shifted by the first batch's means before the products (the shifted-data algorithm), which keeps the
@@ -308,7 +310,7 @@ class _Moments:
     def __init__(self, n: int, device, pool: dict):
         self.n = n
         self.count = 0
-        self.pool = pool  # work buffers shared by all groups of one call, keyed by shape and dtype
+        self.pool = pool  # work buffers shared by all taps of one call, keyed by shape and dtype
         self.shift_a: torch.Tensor | None = None
         self.shift_b: torch.Tensor | None = None
         # float64 accumulators, created by the first flush: [xa 1]^T [xb 1], and the sums of squares
@@ -418,6 +420,62 @@ class _Moments:
         return out.mul_(ia[:, None]).mul_(ib[None, :])
 
 
+class _TapMoments:
+    """The statistics of one group: one ``_Moments`` per tap, each with its own means and scales.
+
+    The taps of a group (the ReLUs after every residual addition of a stage, say) see the same units
+    at different places in the network, with different means and scales. Pooled into one set of
+    moments, a tap whose mean differs from another's adds the spread of the means to every unit's
+    variance and covariance: a unit constant in each tap but at different levels looks like a varying
+    unit (and escapes the constant-unit fallback), and the differences of means leak into Pearson and
+    cosine scores and can outweigh the within-tap correlations. So every tap keeps its own moments, and
+    the group's similarity is the mean of the taps' own similarity matrices (each centred and scaled by
+    its own statistics); a unit is constant for the group when it is constant in every tap.
+    """
+
+    def __init__(self, n: int, device, pool: dict):
+        self.n, self.device, self.pool = n, device, pool
+        self.taps: dict[int, _Moments] = {}
+
+    def update(self, k: int, ta: torch.Tensor, tb: torch.Tensor, dim: int) -> None:
+        m = self.taps.get(k)
+        if m is None:
+            m = self.taps[k] = _Moments(self.n, self.device, self.pool)
+        m.update(ta, tb, dim)
+
+    @property
+    def count(self) -> int:
+        """Sample rows over all taps."""
+        return sum(m.count for m in self.taps.values())
+
+    def constant_units(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Units constant in every tap, in A and in B: a unit that varies in any tap can be matched by it."""
+        da = db = None
+        for m in self.taps.values():
+            ca, cb = m.constant_units()
+            da, db = (ca, cb) if da is None else (da & ca, db & cb)
+        return da, db
+
+    def similarity(self, kind: str) -> torch.Tensor:
+        ms = list(self.taps.values())
+        if kind == "inner":
+            # E[a b] over all sample rows of all taps, as a pooled mean: nothing is centred or scaled,
+            # so pooling mixes no statistics of one tap into another
+            total = self.count
+            out = ms[0].similarity(kind).mul_(ms[0].count / total)
+            for m in ms[1:]:
+                out.add_(m.similarity(kind), alpha=m.count / total)
+            return out
+        # Pearson and cosine: the mean over taps of each tap's own matrix. Unweighted: a correlation is
+        # scale-free, and a tap with fewer positions (after a stride) tells as much about which unit is
+        # which as one with many. With Pearson, a unit's row (or column) gets 0 from the taps where it is
+        # constant: the same for every candidate partner, which leaves the choice to the other taps.
+        out = ms[0].similarity(kind)
+        for m in ms[1:]:
+            out.add_(m.similarity(kind))
+        return out.div_(len(ms))
+
+
 def _input(batch):
     if isinstance(batch, torch.Tensor):
         return batch
@@ -494,7 +552,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
         a, b = copy.deepcopy(a).to(dev), copy.deepcopy(b).to(dev)
     structure = None
     pairs: dict[tuple, _Pair] = {}
-    moments: dict[str, _Moments] = {}
+    moments: dict[str, _TapMoments] = {}
     pool: dict = {}
     seen = 0
     bar = None
@@ -505,14 +563,14 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             bar = tqdm(total=num_samples, desc="activation matching (inputs)", leave=False, unit="ex", disable=None)
         except ImportError:
             bar = None
-    slots: dict[str, list[tuple[str, int]]] = {}
+    slots: dict[str, list[tuple[str, int, int]]] = {}
 
     def consume(name: str, ta: torch.Tensor, tb: torch.Tensor) -> None:
-        for g, dim in slots[name]:
+        for g, dim, k in slots[name]:
             m = moments.get(g)
             if m is None:
-                m = moments[g] = _Moments(spec.groups[g].size, dev, pool)
-            m.update(ta, tb, dim)
+                m = moments[g] = _TapMoments(spec.groups[g].size, dev, pool)
+            m.update(k, ta, tb, dim)
 
     try:
         for batch in loader:

@@ -159,3 +159,72 @@ def test_output_check_tolerates_matching_nan_and_inf_but_not_a_one_sided_nan():
     assert _mismatch((torch.tensor([1.0, 0.0, float("inf"), -2.0]),), [w]) is not None
     assert _mismatch((torch.tensor([1.0, float("nan"), float("inf"), -2.1]),), [w]) is not None
     assert "shape" in _mismatch((torch.zeros(3),), [w])
+
+
+class TwoTaps(nn.Module):
+    """One group read at two taps: the ReLU of fc1 and the ReLU after the residual addition."""
+
+    def __init__(self, n: int = 12):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(4, n), nn.Linear(n, n), nn.Linear(n, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        return self.out(torch.relu(self.fc2(h) + h))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_tap_keeps_its_own_means(seed):
+    # units 0-3 are constant in each tap but at another level in each (fc1's bias, then fc1's plus
+    # fc2's): pooled into one set of moments they vary (between the taps) and all correlate 1 with one
+    # another, a tie the assignment breaks arbitrarily, and they escape the constant-unit fallback.
+    # Per tap they are constant, and the weights match them.
+    torch.manual_seed(seed)
+    a = TwoTaps().eval()
+    with torch.no_grad():
+        a.fc1.weight[:4] = 0
+        a.fc2.weight[:4] = 0
+        a.fc1.bias[:4] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        a.fc2.bias[:4] = torch.tensor([2.0, 3.0, 1.0, 5.0])
+    spec = permgraph.trace(a, torch.randn(2, 4))
+    perm = permgraph.random_permutation(spec, seed + 1)
+    b = permgraph.apply(a, spec, perm)
+    loader = [torch.randn(64, 4, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for similarity in ("pearson", "cosine", "inner"):
+        al = permgraph.align(a, b, "activation", loader, spec=spec, progress=False, similarity=similarity)
+        assert _recovered(al, perm), similarity
+        assert al.log[0]["constant_units"] == {"g0": 4}, similarity
+    # the statistics themselves: per tap, the four units are constant and score 0 (Pearson); pooled,
+    # they are not constant and tie at correlation 1
+    xs = [torch.randn(64, 4, generator=torch.Generator().manual_seed(9))]
+    with torch.no_grad():
+        h = torch.relu(a.fc1(xs[0]))
+        taps = [h, torch.relu(a.fc2(h) + h)]
+    per_tap = _activations._TapMoments(12, "cpu", {})
+    pooled = _Moments(12, "cpu", {})
+    for k, t in enumerate(taps):
+        per_tap.update(k, t, t, 1)
+        pooled.update(t, t, 1)
+    assert per_tap.constant_units()[0][:4].all() and not pooled.constant_units()[0][:4].any()
+    assert (per_tap.similarity("pearson")[:4] == 0).all()
+    assert torch.allclose(pooled.similarity("pearson")[:4, :4], torch.ones(4, 4, dtype=torch.float64))
+    assert per_tap.count == pooled.count == 128
+
+
+def test_mobilenetv3_small_with_random_batchnorm_is_matched_exactly():
+    # taps of one group (the residual stream of a stage, read after every addition) with different
+    # means and scales: pooled moments got 14-34 of its 4,872 units wrong with Pearson and cosine
+    from permgraph._verify import randomize_
+
+    torch.manual_seed(0)
+    a = permgraph.models.create("timm:mobilenetv3_small_100").eval()
+    randomize_(a, torch.Generator().manual_seed(0))
+    spec = permgraph.trace(a, torch.randn(2, 3, 64, 64))
+    perm = permgraph.random_permutation(spec, 1)
+    b = permgraph.apply(a, spec, perm)
+    g = torch.Generator().manual_seed(2)
+    loader = [torch.randn(64, 3, 64, 64, generator=g) for _ in range(2)]
+    for similarity in ("pearson", "cosine"):
+        al = permgraph.align(a, b, "activation", loader, spec=spec, progress=False, similarity=similarity)
+        wrong = {k: int((al.perm[k] != torch.argsort(perm[k])).sum()) for k in spec.groups}
+        assert sum(wrong.values()) == 0, (similarity, {k: v for k, v in wrong.items() if v})
