@@ -357,7 +357,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                     prune_mode: str = "small", init: Mapping[str, torch.Tensor] | None = None,
                     groups: Iterable[str] | None = None, progress: bool = False,
                     free_units: Mapping[str, torch.Tensor] | None = None,
-                    device=None) -> tuple[Permutation, dict, list]:
+                    start: str = "identity", device=None) -> tuple[Permutation, dict, list]:
     """Coordinate descent over groups (Ainsworth et al.). Returns (perm, per-group diagnostics, log).
 
     Groups that are the outer factor of a product with other groups (attention heads, blocks of a
@@ -366,7 +366,15 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     descent does not lock in a wrong block order before the units inside blocks are aligned; then all
     groups are refined with the plain objective. ``free_units`` restricts a group's reassignment to the
     given A units (and the B units currently matched to them); ``groups`` restricts which groups move.
+
+    ``start="identity"`` (default) descends from the identity (or ``init``). ``start="both"`` then
+    descends a second time from an order-free assignment of every group (``_order_free_start``) and keeps
+    the run with the higher objective (the identity run on ties): the objective is never lower than the
+    identity start's, and planted permutations of freshly initialised transformers are recovered, at about
+    twice the cost (docs/alignment.md, "A second, order-free start").
     """
+    if start not in ("identity", "both"):
+        raise ValueError(f"start must be 'identity' or 'both', got {start!r}")
     if prune_mode not in ("small", "large"):
         raise ValueError(f"prune_mode must be 'small' or 'large', got {prune_mode!r}")
     if not 0.0 <= prune_fraction < 1.0:
@@ -385,13 +393,23 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     if init is not None:
         perm.update({g: torch.as_tensor(p) for g, p in init.items()})
 
+    # A's slices never change: cutting them once per member instead of at every visit pays for most of
+    # the second start (below); it holds about one extra copy of A's matched tensors per group member.
+    a_cache: dict[int, torch.Tensor] = {}
+
+    def a_slices(m: _Member) -> torch.Tensor:
+        k = id(m)  # members live as long as this call
+        if k not in a_cache:
+            a_cache[k] = _slices(A[m.key], m)
+        return a_cache[k]
+
     def similarity(g: str, invariant: bool) -> torch.Tensor:
         n = sizes[g]
         s = torch.zeros(n, n, dtype=torch.float64, device=dev)
         ms = [m for m in members[g] if m.nested] if invariant else members[g]
         for m in ms:
             bt = _permuted(B[m.key], spec.axes[m.key], perm, sizes, m.dim, g)
-            xa, xb = _slices(A[m.key], m), _slices(bt, m)
+            xa, xb = a_slices(m), _slices(bt, m)
             if invariant:
                 c = m.idx.shape[1]
                 cross = xa.reshape(n * c, -1) @ xb.reshape(n * c, -1).T
@@ -406,67 +424,123 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
             tot += float((A[k] * _permuted(B[k], spec.axes[k], perm, sizes)).sum())
         return tot
 
-    gen = torch.Generator().manual_seed(seed)
-    log: list[dict[str, Any]] = []
-    start = objective()
+    j_start = objective()
 
     def plain_score(g: str) -> float:
         s = similarity(g, False)
         return float(s[torch.arange(sizes[g], device=dev), perm[g].to(dev)].sum())
 
     # per-group diagnostics use the plain objective, measured before the first and after the last sweep
-    diag: dict[str, dict[str, Any]] = {g: {"similarity_before": plain_score(g), "changes": 0,
-                                           "last_changed_sweep": 0} for g in todo}
-    bar = _bar(progress, max_iter, "weight matching (sweeps)")
-    sweeps = 0
+    before = {g: plain_score(g) for g in todo}
     nested = {g for g in todo if any(m.nested for m in members[g])}
-    last_plain: dict[str, float] = {}  # plain similarity at each group's last visit
-    phase = "invariant" if nested and free_units is None else "plain"
-    for it in range(max_iter):
-        sweeps = it + 1
-        t0 = time.perf_counter()
-        improved = 0
-        order = [todo[i] for i in torch.randperm(len(todo), generator=gen).tolist()]
-        for g in order:
-            s = similarity(g, phase == "invariant" and g in nested)
-            ar = torch.arange(sizes[g], device=dev)
-            old = float(s[ar, perm[g].to(dev)].sum())
-            if free_units is not None and g in free_units:
-                rows = torch.as_tensor(free_units[g], dtype=torch.long)
-                if len(rows) < 2:
+
+    def descend(label: str):
+        """Coordinate descent from the current ``perm`` (changed in place); returns its diagnostics."""
+        gen = torch.Generator().manual_seed(seed)  # every start sees the same group orders
+        log: list[dict[str, Any]] = []
+        diag: dict[str, dict[str, Any]] = {g: {"similarity_before": before[g], "changes": 0,
+                                               "last_changed_sweep": 0} for g in todo}
+        bar = _bar(progress, max_iter, f"weight matching ({label} start, sweeps)")
+        sweeps = 0
+        last_plain: dict[str, float] = {}  # plain similarity at each group's last visit
+        phase = "invariant" if nested and free_units is None else "plain"
+        for it in range(max_iter):
+            sweeps = it + 1
+            t0 = time.perf_counter()
+            improved = 0
+            order = [todo[i] for i in torch.randperm(len(todo), generator=gen).tolist()]
+            for g in order:
+                s = similarity(g, phase == "invariant" and g in nested)
+                ar = torch.arange(sizes[g], device=dev)
+                old = float(s[ar, perm[g].to(dev)].sum())
+                if free_units is not None and g in free_units:
+                    rows = torch.as_tensor(free_units[g], dtype=torch.long)
+                    if len(rows) < 2:
+                        continue
+                    cols = perm[g][rows]
+                    new_p = perm[g].clone()
+                    new_p[rows] = cols[assign(s[rows][:, cols])]
+                else:
+                    new_p = assign(s)
+                new = float(s[ar, new_p.to(dev)].sum())
+                if phase == "plain" and not (phase == "invariant" and g in nested):
+                    last_plain[g] = max(new, old)
+                if new > old + 1e-9 * max(1.0, abs(old)):
+                    perm[g] = new_p
+                    improved += 1
+                    diag[g]["changes"] += 1
+                    diag[g]["last_changed_sweep"] = sweeps
+            log.append({"sweep": sweeps, "phase": phase, "start": label, "groups_improved": improved,
+                        "seconds": time.perf_counter() - t0, "objective_before": j_start, "objective": objective()})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(improved=improved)
+            if improved == 0:
+                if phase == "invariant":
+                    phase = "plain"
                     continue
-                cols = perm[g][rows]
-                new_p = perm[g].clone()
-                new_p[rows] = cols[assign(s[rows][:, cols])]
-            else:
-                new_p = assign(s)
-            new = float(s[ar, new_p.to(dev)].sum())
-            if phase == "plain" and not (phase == "invariant" and g in nested):
-                last_plain[g] = max(new, old)
-            if new > old + 1e-9 * max(1.0, abs(old)):
-                perm[g] = new_p
-                improved += 1
-                diag[g]["changes"] += 1
-                diag[g]["last_changed_sweep"] = sweeps
-        log.append({"sweep": sweeps, "phase": phase, "groups_improved": improved,
-                    "seconds": time.perf_counter() - t0, "objective_before": start, "objective": objective()})
+                break
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(improved=improved)
-        if improved == 0:
-            if phase == "invariant":
-                phase = "plain"
-                continue
-            break
-    if bar is not None:
-        bar.close()
-    converged = bool(log) and log[-1]["groups_improved"] == 0 and log[-1]["phase"] == "plain"
-    for g, d in diag.items():
-        # a final sweep that changed nothing visited every group at its final permutation
-        d["similarity_after"] = last_plain[g] if converged and g in last_plain else plain_score(g)
-        d["moved_fraction"] = float((perm[g] != torch.arange(sizes[g])).float().mean())
-        d["sweeps"] = sweeps
+            bar.close()
+        converged = bool(log) and log[-1]["groups_improved"] == 0 and log[-1]["phase"] == "plain"
+        for g, d in diag.items():
+            # a final sweep that changed nothing visited every group at its final permutation
+            d["similarity_after"] = last_plain[g] if converged and g in last_plain else plain_score(g)
+            d["moved_fraction"] = float((perm[g] != torch.arange(sizes[g])).float().mean())
+            d["sweeps"] = sweeps
+        return diag, log
+
+    initial = dict(perm)
+    diag, log = descend("identity" if init is None else "init")
+    if start == "both" and init is None and free_units is None and groups is None and log:
+        # Second start: every group assigned at once by an order-free similarity (_order_free_start).
+        # Coordinate descent from the identity fails on freshly initialised transformers: while the
+        # LayerNorm affines are all ones / zeros only the stem and head tell the residual stream's order,
+        # the first sweep fits every block to the residual stream's identity order, and that fit then
+        # outscores the true order, so the residual group never moves. The identity run always comes
+        # first and is kept unless the second one ends higher, so J is never below plain coordinate
+        # descent from the identity with the same seed. The second descent always runs, which about
+        # doubles the cost: J at the order-free start is no reliable gate (a permuted mixer with 10% noise
+        # starts below a stuck identity run, as independent models do, yet ends at the planted match).
+        first = (dict(perm), diag, log)
+        perm = dict(initial)
+        perm.update(_order_free_start(a_slices, B, members, todo, sizes, dev))
+        j0 = objective()
+        diag, log = descend("order-free")
+        if first[2][-1]["objective"] >= log[-1]["objective"]:
+            perm, diag, log = first
+        log[-1]["order_free_start"] = {"objective_at_start": j0, "descended": True, "kept": log is not first[2]}
     return Permutation(perm), diag, log
+
+
+def _order_free_start(a_slices, B, members, todo, sizes, dev) -> dict[str, torch.Tensor]:
+    """One assignment per group from a similarity that no other group's permutation can change.
+
+    For each tensor carrying group ``g``, the slice of unit ``i`` holds all its positions across the other
+    dims, so statistics of the slice's values that ignore their order (mean, moments, extremes) do not
+    depend on any other group's permutation. Units are paired by ``S[i, j] = -sum over tensors of
+    C * ||f(A_i) - f(B_j)||^2`` (``C`` the slice length, ``f`` those statistics, all in the units of the
+    weights). On a permuted copy, even with noise, this already names the right units; on independently
+    trained models it is only a start for coordinate descent, which then maximises the real objective.
+    Statistics rather than whole sorted slices: sorting every slice cost as much as a sweep."""
+    def feats(x: torch.Tensor) -> torch.Tensor:
+        # float32 passes (float64 ones made this start cost a fifth of a whole matching); the few
+        # statistics per unit are then compared in float64
+        x2 = x * x
+        m3 = (x2 * x).mean(1).double()
+        f = torch.stack([x.mean(1).double(), x2.mean(1).double().sqrt(), m3.sign() * m3.abs().pow(1 / 3),
+                         (x2 * x2).mean(1).double().pow(0.25), x.abs().mean(1).double(),
+                         x.amax(1).double(), x.amin(1).double()], 1)
+        return f * math.sqrt(x.shape[1])
+
+    out = {}
+    for g in todo:
+        n = sizes[g]
+        s = torch.zeros(n, n, dtype=torch.float64, device=dev)
+        for m in members[g]:
+            s -= torch.cdist(feats(a_slices(m)), feats(_slices(B[m.key], m))) ** 2
+        out[g] = assign(s).cpu()
+    return out
 
 
 def _bar(progress: bool, total: int, desc: str):
@@ -499,7 +573,9 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
             ``include_stats`` (BatchNorm running statistics in the objective; default False),
             ``prune_fraction`` and ``prune_mode`` ("small" | "large": match on copies with that fraction of
             each weight tensor's smallest / largest magnitudes zeroed; the result applies to the real
-            weights). Activation matching: ``similarity`` ("pearson" | "inner" | "cosine").
+            weights), ``start`` ("identity", default | "both": also descend from an order-free start and
+            keep the better run; recovers planted permutations of freshly initialised transformers at
+            about twice the cost). Activation matching: ``similarity`` ("pearson" | "inner" | "cosine").
 
     Returns:
         an Alignment mapping B's units onto A's: ``alignment.apply(b)`` is B reordered (same function).
@@ -522,7 +598,7 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
     settings = {"method": method, "max_iter": max_iter, "seed": seed, "num_samples": num_samples,
                 "device": None if device is None else str(device), **options}
     if method == "weight":
-        unknown = set(options) - {"include", "exclude", "include_stats", "prune_fraction", "prune_mode"}
+        unknown = set(options) - {"include", "exclude", "include_stats", "prune_fraction", "prune_mode", "start"}
         if unknown:
             raise TypeError(f"unknown weight-matching options {sorted(unknown)}")
         perm, diag, log = weight_matching(spec, sa, sb, max_iter=max_iter, seed=seed, progress=progress,
