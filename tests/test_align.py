@@ -21,6 +21,17 @@ CASES = {
 }
 
 
+def _add_noise_(model, noise: float) -> None:
+    """Scale every floating tensor of ``model`` by (1 + noise * N(0, 1)), elementwise, in place."""
+    if not noise:
+        return
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            if v.is_floating_point():
+                v.mul_(1 + noise * torch.randn(v.shape, generator=g))
+
+
 def _planted(name, noise):
     torch.manual_seed(0)
     build, shape = CASES[name]
@@ -30,12 +41,7 @@ def _planted(name, noise):
     randomize_(a, torch.Generator().manual_seed(1))  # non-trivial norm statistics and affine vectors
     perm = permgraph.random_permutation(spec, 3)
     b = permgraph.apply(a, spec, perm)
-    if noise:
-        g = torch.Generator().manual_seed(4)
-        with torch.no_grad():
-            for v in b.state_dict().values():
-                if v.is_floating_point():
-                    v.mul_(1 + noise * torch.randn(v.shape, generator=g))
+    _add_noise_(b, noise)
     return a, b, spec, perm, x
 
 
@@ -222,12 +228,7 @@ def test_weight_matching_recovers_a_planted_permutation_with_norms_as_initialise
     spec = permgraph.trace(a, torch.randn(2, 3, 32, 32))
     perm = permgraph.random_permutation(spec, 3)
     b = permgraph.apply(a, spec, perm)
-    if noise:
-        g = torch.Generator().manual_seed(4)
-        with torch.no_grad():
-            for v in b.state_dict().values():
-                if v.is_floating_point():
-                    v.mul_(1 + noise * torch.randn(v.shape, generator=g))
+    _add_noise_(b, noise)
     al = permgraph.align(a, b, spec=spec, progress=False, start="both")
     total = sum(len(p) for p in perm.values())
     # exact without noise; with 10% noise on every weight, at most 1% of the units
