@@ -302,9 +302,10 @@ class Context:
         """Align ``b`` to ``a`` with the spec's matching options (``note``: for the progress line)."""
         m = self.spec.matching
         with self.tracker.step(f"{method} matching" + (f" {note}" if note else "")):
-            if method == "weight":
+            if method in ("weight", "weight_folded"):
+                fold = {"fold_bn": True} if method == "weight_folded" else {}
                 return permgraph.align(a, b, "weight", spec=spec, max_iter=m.max_iter, progress=False,
-                                       exclude=m.exclude)
+                                       exclude=m.exclude, **fold)
             return permgraph.align(a, b, "activation", loader=self.match_loader(), spec=spec,
                                    num_samples=m.num_samples, similarity=m.similarity, max_iter=m.max_iter,
                                    progress=False)

@@ -88,6 +88,11 @@ def _method(ctx: Context) -> str:
     return ctx.spec.matching.methods[0]
 
 
+def _align_method(ctx: Context) -> str:
+    """The method as align() takes it: weight_folded is weight matching with fold_bn=True (``_align_kw``)."""
+    return "weight" if _method(ctx) == "weight_folded" else _method(ctx)
+
+
 def _arm_levels(spec) -> list[int]:
     levels = list(spec.imp.arm_levels) or list(range(1, spec.imp.levels + 1))
     bad = [lv for lv in levels if not 1 <= lv <= spec.imp.levels]
@@ -113,7 +118,8 @@ def _align_kw(ctx: Context) -> dict[str, Any]:
     m = ctx.spec.matching
     if _method(ctx) == "activation":
         return {"similarity": m.similarity, "max_iter": m.max_iter, "num_samples": m.num_samples}
-    return {"max_iter": m.max_iter, "exclude": list(m.exclude)}
+    fold = {"fold_bn": True} if _method(ctx) == "weight_folded" else {}
+    return {"max_iter": m.max_iter, "exclude": list(m.exclude), **fold}
 
 
 def barriers_unit(ctx: Context, sa: int, sb: int) -> dict[str, Any]:
@@ -126,7 +132,7 @@ def barriers_unit(ctx: Context, sa: int, sb: int) -> dict[str, Any]:
         for split in spec.barrier.splits:
             out[split] = permgraph.prune.imp_barriers(
                 model, imp_a, imp_b, ctx.loader(split), spec=perm_spec, alphas=spec.barrier.alphas,
-                method=_method(ctx), match_loader=match_loader, bn=spec.barrier.bn,
+                method=_align_method(ctx), match_loader=match_loader, bn=spec.barrier.bn,
                 reset_loader=ctx.loader("train"), seed=0, progress=False, align_kw=_align_kw(ctx))
         return {"seeds": [sa, sb], "imp_a": _imp_table(imp_a), "imp_b": _imp_table(imp_b), "barriers": out}
 
@@ -144,7 +150,7 @@ def arms_unit(ctx: Context, sa: int, sb: int, level: int) -> list[dict[str, Any]
                                   spec.train.epochs, count=len(arms)) as cbs:
             return permgraph.prune.transfer_arms(
                 model, imp_a, imp_b, ctx.data, spec=perm_spec, levels=[level], arms=list(spec.imp.arms),
-                method=_method(ctx), loader=match_loader, epochs=spec.train.epochs, data_seed=sb, seed=0,
+                method=_align_method(ctx), loader=match_loader, epochs=spec.train.epochs, data_seed=sb, seed=0,
                 progress=ctx.progress, device=ctx.device, align_kw=_align_kw(ctx), callbacks=cbs,
                 **_train_kw(spec.train))
 

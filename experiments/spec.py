@@ -52,8 +52,10 @@ class TrainSpec(_Strict):
 
 
 class MatchSpec(_Strict):
-    methods: list[Literal["weight", "activation"]] = Field(default_factory=lambda: ["weight", "activation"],
-                                                           description="alignment methods to compare")
+    methods: list[Literal["weight", "weight_folded", "activation"]] = Field(
+        default_factory=lambda: ["weight", "activation"],
+        description="alignment methods to compare; weight_folded = weight matching on copies with each "
+                    "BatchNorm folded into the layer that feeds it (align(..., fold_bn=True))")
     similarity: Literal["pearson", "inner", "cosine"] = Field(default="pearson",
                                                               description="activation-matching similarity")
     num_samples: int = Field(default=4000, ge=1, description="training inputs used by activation matching")
@@ -192,7 +194,8 @@ class LandscapeExperiment(_Experiment):
     resolution: int = Field(default=11, ge=3, le=101, description="grid points per axis")
     margin: float = Field(default=0.2, ge=0, description="extra extent of the plane beyond the triangle A, B, "
                           "P(B), as a fraction of the triangle's extent along each axis")
-    method: Literal["weight", "activation"] = Field(default="weight", description="how B is aligned to A")
+    method: Literal["weight", "weight_folded", "activation"] = Field(default="weight",
+                                                                     description="how B is aligned to A")
     split: Literal["train", "test"] = Field(default="test", description="data the plane is evaluated on "
                                             "(first barrier.subset examples)")
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
+from . import _blocks
 from ._solver import assign
 from .errors import SpecMismatchError
 from .permutation import Permutation
@@ -69,34 +70,41 @@ class _Template:
     """
 
     def __init__(self, spec: PermutationSpec, a: nn.Module, x: torch.Tensor):
-        from ._trace import Propagator, _tied_keys, _tree, export
+        from ._trace import Propagator, _tied_keys, _tree, apply_nest, export, nest_plan
 
         ep = export(a, (x,))
         prop = Propagator(ep, _tied_keys(a))
         prop.run()
         gid: dict[int, str] = {}
         mapping: dict[str, str] = {}
-        for key, lab in prop.param_labels.items():
-            if key in spec.axes:
-                for atom, t_spec in zip(lab, spec.axes[key]):
-                    _match_trees(_tree(prop.atoms, atom, gid), t_spec, mapping)
-        best: dict[str, tuple[int, list[tuple[str, int]]]] = {}
+        param_trees = {key: [_tree(prop.atoms, atom, gid) for atom in lab]
+                       for key, lab in prop.param_labels.items() if key in spec.axes}
+        # the dims inside attention heads, as the spec nests them (trace(nested_heads=...))
+        plan = nest_plan(prop, param_trees.values(), gid) if spec.nested() else {}
+        for key, trees in param_trees.items():
+            for t_new, t_spec in zip(trees, spec.axes[key]):
+                _match_trees(apply_nest(t_new, plan), t_spec, mapping)
+        best: dict[str, tuple[int, list[tuple[str, object]]]] = {}
         for node, lab in prop.env.items():
             if node.op != "call_function" or not isinstance(lab, tuple) or not lab:
                 continue
-            trees = [_tree(prop.atoms, a_, gid) for a_ in lab]
+            trees = [apply_nest(_tree(prop.atoms, a_, gid), plan) for a_ in lab]
             grouped = [d for d, t in enumerate(trees) if not isinstance(t, int)]
-            if len(grouped) != 1 or not isinstance(trees[grouped[0]], str):
-                continue
-            g = mapping.get(trees[grouped[0]])
-            if g is None:
+            where: object = None
+            if len(grouped) == 1 and isinstance(trees[grouped[0]], str):
+                where, g = grouped[0], mapping.get(trees[grouped[0]])
+            elif (len(grouped) == 2 and all(isinstance(trees[d], str) for d in grouped)
+                  and plan.get(trees[grouped[1]]) == trees[grouped[0]]):
+                # (..., heads, ..., head dims, ...): queries, keys, values, attention outputs per head
+                where, g = tuple(grouped), mapping.get(trees[grouped[1]])
+            if where is None or g is None or spec.groups.get(g) is None:
                 continue
             cat = _category(prop.opname(node))
             cur = best.get(g)
             if cur is None or cat < cur[0]:
-                best[g] = (cat, [(node.name, grouped[0])])
+                best[g] = (cat, [(node.name, where)])
             elif cat == cur[0]:
-                cur[1].append((node.name, grouped[0]))
+                cur[1].append((node.name, where))
         self.taps = {g: v[1] for g, v in best.items()}
         # tapped node -> (group, dim, k) of every group it feeds, k numbering the group's taps in graph
         # order: each tap keeps its own statistics (``_TapMoments``), keyed by (group, k) rather than by
@@ -570,7 +578,12 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             m = moments.get(g)
             if m is None:
                 m = moments[g] = _TapMoments(spec.groups[g].size, dev, pool)
-            m.update(k, ta, tb, dim)
+            if isinstance(dim, tuple):  # heads and head dims: units (head, dim) in row-major order
+                xa = ta.movedim(dim, (-2, -1)).flatten(-2)
+                xb = tb.movedim(dim, (-2, -1)).flatten(-2)
+                m.update(k, xa, xb, xa.ndim - 1)
+            else:
+                m.update(k, ta, tb, dim)
 
     try:
         for batch in loader:
@@ -609,9 +622,26 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
     diag = {}
     degenerate: dict[str, torch.Tensor] = {}
     sims = {g: m.similarity(similarity) for g, m in moments.items()}
+    # attention heads (nested groups): the heads and the dims inside each head at once, from the
+    # queries/keys and values/outputs per head (and the head group's own taps, when it has any)
+    nested = {h: [g for g in gs if g in sims] for h, gs in spec.nested().items()}
+    nested = {h: gs for h, gs in nested.items() if gs}
+    solved: dict[str, torch.Tensor] = {}
+    for h, gs in nested.items():
+        nb = spec.groups[h].size
+        solved[h], full = _blocks.heads({g: sims[g] for g in gs}, nb, {g: sims[g].shape[0] // nb for g in gs},
+                                        sims.get(h))
+        solved.update(full)
+    plain = {g: s for g, s in sims.items() if g not in solved}
     # the solver releases the GIL: solve the groups' assignments side by side
-    with ThreadPoolExecutor(max_workers=max(1, min(len(sims), os.cpu_count() or 1))) as ex:
-        solved = dict(zip(sims, ex.map(assign, sims.values())))
+    with ThreadPoolExecutor(max_workers=max(1, min(len(plain), os.cpu_count() or 1))) as ex:
+        solved.update(zip(plain, ex.map(assign, plain.values())))
+    for h in nested:
+        if h not in moments:
+            p = solved[h]
+            perm[h] = p
+            diag[h] = {"moved_fraction": float((p != torch.arange(len(p))).float().mean()),
+                       "matched_by": "activation (heads of " + ", ".join(nested[h]) + ")"}
     for g, m in moments.items():
         s, p = sims[g], solved[g]
         # units constant on the data (dead ReLUs) cannot be told apart by activations: weights decide
@@ -623,8 +653,9 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
         diag[g] = {"similarity_before": float(s[ar, ar].mean()), "similarity_after": float(s[ar, p].mean()),
                    "moved_fraction": float((p != ar).float().mean()), "samples": m.count}
         perm[g] = p
-    rest = [g for g in spec.groups if g not in moments]
-    log = [{"inputs": seen, "groups_by_activation": len(moments), "groups_by_weight": len(rest),
+    rest = [g for g in spec.groups if g not in moments and g not in nested]
+    log = [{"inputs": seen, "groups_by_activation": len(moments) + len(set(nested) - set(moments)),
+            "groups_by_weight": len(rest),
             "constant_units": {g: len(r) for g, r in degenerate.items()}}]
     if rest or degenerate:
         from .align import weight_matching
@@ -649,4 +680,14 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
                 diag[g].update({"similarity_after": float(s[ar, perm[g]].mean()),
                                 "moved_fraction": float((perm[g] != ar).float().mean()),
                                 "constant_units": len(degenerate[g])})
+    # how clearly each final assignment beats every other on the activation similarity it was matched by
+    # (groups matched by weights carry weight matching's); docs/alignment.md, "How sure is each group?"
+    from .align import _certainty, _head_certainty
+
+    head_of = {g: h for h, gs in nested.items() for g in gs}
+    for g in diag:
+        if g in nested:
+            diag[g].update(_head_certainty(perm[g], sims.get(g), [(sims[n], perm[n]) for n in nested[g]]))
+        elif g in sims:  # (a nested group: over the alternatives inside its heads)
+            diag[g].update(_certainty(sims[g], perm[g], perm[head_of[g]] if g in head_of else None))
     return Permutation(perm), diag, log

@@ -334,7 +334,76 @@ def _frozen_leaves(atoms: Atoms, a: int, out: set[int]) -> None:
             _frozen_leaves(atoms, c, out)
 
 
-def build_spec(prop: Propagator, model: nn.Module, info: dict, input_shapes: tuple = ()) -> PermutationSpec:
+def _label_groups(atoms: Atoms, lab, gid: dict[int, str]) -> set[str]:
+    """The group ids found anywhere in a label's axis trees."""
+    out: set[str] = set()
+    stack = list(lab)
+    while stack:
+        kind, payload = atoms.tree(stack.pop())
+        if kind == "leaf":
+            if payload in gid:
+                out.add(gid[payload])
+        else:
+            stack.extend(payload)
+    return out
+
+
+def nest_plan(prop: Propagator, trees: Iterable[list], gid: dict[int, str]) -> dict[str, str]:
+    """Which groups are the dims inside attention heads, each with its own permutation per head.
+
+    A group ``g`` whose every occurrence in the parameters' axis trees is ``{"prod": [h, g]}`` for one
+    group ``h`` (heads x head dims, from a reshape) gets, by the Kronecker form, the same permutation in
+    every head: valid, but a subgroup of the symmetry. Each head may reorder its own dims as long as
+    nothing compares dim ``d`` of one head with dim ``d`` of another: that holds when every tensor of the
+    graph (parameters and activations) that carries ``g`` also carries ``h``, so that every value indexed
+    by a head dim is also indexed by its head. A norm weight of size d shared by all heads, a mean over
+    heads, a broadcast of one head's dims to all heads each carry ``g`` without ``h`` and keep the shared
+    form. Returns ``{g: h}`` for the groups that can be nested (verification still checks the result).
+    """
+    under: dict[str, set[str]] = {}
+    bare: set[str] = set()
+
+    def walk(t) -> None:
+        if isinstance(t, str):
+            bare.add(t)
+        elif isinstance(t, dict):
+            kind, kids = next(iter(t.items()))
+            if (kind == "prod" and len(kids) == 2 and all(isinstance(k, str) for k in kids)
+                    and kids[0] != kids[1]):
+                under.setdefault(kids[1], set()).add(kids[0])
+                bare.add(kids[0])
+                return
+            for k in kids:
+                walk(k)
+
+    for ts in trees:
+        for t in ts:
+            walk(t)
+    plan = {g: next(iter(hs)) for g, hs in under.items() if len(hs) == 1 and g not in bare}
+    plan = {g: h for g, h in plan.items() if h not in plan and g not in plan.values()}
+    if not plan:
+        return plan
+    for lab in prop.env.values():
+        if not isinstance(lab, tuple) or not plan:
+            continue
+        present = _label_groups(prop.atoms, lab, gid)
+        for g in [g for g in plan if g in present and plan[g] not in present]:
+            del plan[g]
+    return plan
+
+
+def apply_nest(tree, plan: dict[str, str]):
+    """``tree`` with every ``{"prod": [h, g]}`` of a nested group ``g`` (``plan[g] == h``) replaced by ``g``."""
+    if isinstance(tree, dict):
+        kind, kids = next(iter(tree.items()))
+        if kind == "prod" and len(kids) == 2 and isinstance(kids[1], str) and plan.get(kids[1]) == kids[0]:
+            return kids[1]
+        return {kind: [apply_nest(k, plan) for k in kids]}
+    return tree
+
+
+def build_spec(prop: Propagator, model: nn.Module, info: dict, input_shapes: tuple = (),
+               nested_heads: bool = True) -> PermutationSpec:
     atoms = prop.atoms
     state = model.state_dict(keep_vars=True)
     aliases: dict[str, str] = dict(prop.tied)
@@ -366,8 +435,14 @@ def build_spec(prop: Propagator, model: nn.Module, info: dict, input_shapes: tup
         frozen.append(FrozenPart(0, unused_reason, tuple(unused)))
     group_sizes = {g: atoms.size(r) for r, g in gid.items()}
     graph = _coupling_graph(prop, gid)
+    plan = nest_plan(prop, axes.values(), gid) if nested_heads else {}
+    if plan:
+        axes = {k: [apply_nest(t, plan) for t in ts] for k, ts in axes.items()}
+        for g, h in plan.items():
+            group_sizes[g] *= group_sizes[h]
+            graph.nodes[g].update(size=group_sizes[g], blocks=h)
     return PermutationSpec.from_axes(axes, shapes, group_sizes, frozen, aliases, info, graph,
-                                     input_shapes=input_shapes)
+                                     input_shapes=input_shapes, blocks=plan)
 
 
 def _coupling_graph(prop: Propagator, gid: dict[int, str]) -> nx.Graph:
@@ -633,7 +708,7 @@ def _tied_keys(model: nn.Module) -> dict[str, str]:
 
 
 def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze: Iterable[str] = (),
-          seed: int = 0) -> PermutationSpec:
+          seed: int = 0, nested_heads: bool = True) -> PermutationSpec:
     """Trace ``model`` into a verified PermutationSpec.
 
     Args:
@@ -649,6 +724,9 @@ def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze:
         freeze: glob patterns of state-dict keys (or module-name prefixes) whose axes must not move,
             e.g. ``["fc.*"]`` or ``["head"]``.
         seed: seed of the verification's random permutation.
+        nested_heads: give every attention head its own permutation of its query/key dims and of its
+            value/output dims, with the heads permuted as wholes (the full symmetry; ``Group.blocks``).
+            False keeps one permutation of the head dims shared by all heads (a subgroup).
 
     Raises:
         TraceError: ``torch.export`` failed (one short message: torch's reason, where in the model's code,
@@ -672,7 +750,7 @@ def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze:
     info = {"model": type(model).__name__,
             "example_input_shapes": [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
             "unsupported_ops": dict(prop.unknown_ops)}
-    spec = build_spec(prop, model, info, record_inputs(inputs))
+    spec = build_spec(prop, model, info, record_inputs(inputs), nested_heads)
     freeze = list(freeze)
     if freeze:
         spec = spec.freeze_keys(freeze, f"frozen by trace(freeze={freeze})")

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .errors import SpecMismatchError, TraceError, VerificationError
-from .permutation import Permutation, permute_state_dict
+from .permutation import Permutation, nest, permute_state_dict, restrict
 from .spec import PermutationSpec
 
 # models up to this many parameters are verified in float64 (tight tolerance), larger ones in float32
@@ -83,12 +83,23 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def cyclic_permutation(spec: PermutationSpec, generator: torch.Generator) -> Permutation:
     """A random permutation of every group with no fixed point (one random n-cycle per group), so that
     no group escapes the check by drawing the identity."""
-    perms = {}
-    for g, grp in spec.groups.items():
-        s = torch.randperm(grp.size, generator=generator)
+    def cycle(n: int) -> torch.Tensor:
+        s = torch.randperm(n, generator=generator)
         p = torch.empty_like(s)
         p[s] = torch.roll(s, -1)
-        perms[g] = p
+        return p
+
+    perms = {}
+    for g, grp in spec.groups.items():
+        if grp.blocks is None:
+            perms[g] = cycle(grp.size)
+        else:  # one cycle inside every head; the heads then move by their own group's cycle
+            nb = spec.groups[grp.blocks].size
+            block = grp.size // nb
+            perms[g] = torch.cat([h * block + cycle(block) for h in range(nb)])
+    for h, gs in spec.nested().items():
+        for g in gs:
+            perms[g] = nest(perms[h], perms[g], spec.groups[g].size // spec.groups[h].size)
     return Permutation(perms)
 
 
@@ -118,8 +129,7 @@ class _Checker:
         self.perm = cyclic_permutation(spec, gen)
 
     def error(self, groups) -> float:
-        perm = {g: (self.perm[g] if g in groups else torch.arange(self.spec.groups[g].size))
-                for g in self.spec.groups}
+        perm = restrict(self.spec, self.perm, groups)
         # functional_call runs the model with the permuted tensors without copying them into it
         state = permute_state_dict(self.state, self.spec, perm)
         state = {k: v for k, v in state.items() if k not in self.spec.aliases}  # tied: given once

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._solver import assign
+from . import _blocks
+from ._solver import assign, confidence, confidences, margins
 from .errors import FileFormatError, SpecMismatchError
 from .permutation import Permutation, axis_index, identity
 from .permutation import apply as _apply
@@ -76,10 +77,38 @@ class Alignment:
             if "inputs" in e:
                 lines.append(f"  activation pass: {e['inputs']} inputs; {e['groups_by_activation']} groups by "
                              f"activations, {e['groups_by_weight']} by weights")
+        lines += self._least_certain()
         for g, d in list(self.groups.items())[:40]:
             extras = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
             lines.append(f"  {g}: {extras}")
+        if len(self.groups) > 40:
+            lines.append(f"  ... and {len(self.groups) - 40} more groups (see .groups)")
         return "\n".join(lines)
+
+    def _least_certain(self, k: int = 5) -> list[str]:
+        """Summary lines naming the ``k`` groups of lowest ``confidence`` (docs/alignment.md, "How sure is
+        each group?"), with their sizes and the modules they act on."""
+        conf = {}
+        for g, d in self.groups.items():
+            try:
+                c = float(d["confidence"])  # a loaded alignment holds "inf" as a string
+            except (KeyError, TypeError, ValueError):
+                continue
+            if math.isfinite(c) or c < 0:
+                conf[g] = c
+        if not conf:
+            return []
+        worst = sorted(conf, key=lambda g: (conf[g], float(self.groups[g].get("margin", 0.0))))[:k]
+        lines = ["  least certain groups (lowest confidence; near 0: some units are interchangeable):"]
+        for g in worst:
+            grp = self.spec.groups.get(g)
+            where = ""
+            if grp is not None:
+                mods = grp.modules
+                shown = ", ".join(mods[:3]) + (f" and {len(mods) - 3} more" if len(mods) > 3 else "")
+                where = f" ({grp.size} units{'; ' + shown if shown else ''})"
+            lines.append(f"    {g}{where}: confidence {conf[g]:.3g}, margin {float(self.groups[g]['margin']):.4g}")
+        return lines
 
     __str__ = summary
 
@@ -357,7 +386,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                     prune_mode: str = "small", init: Mapping[str, torch.Tensor] | None = None,
                     groups: Iterable[str] | None = None, progress: bool = False,
                     free_units: Mapping[str, torch.Tensor] | None = None,
-                    start: str = "identity", device=None) -> tuple[Permutation, dict, list]:
+                    start: str = "auto", device=None) -> tuple[Permutation, dict, list]:
     """Coordinate descent over groups (Ainsworth et al.). Returns (perm, per-group diagnostics, log).
 
     Groups that are the outer factor of a product with other groups (attention heads, blocks of a
@@ -367,14 +396,19 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     groups are refined with the plain objective. ``free_units`` restricts a group's reassignment to the
     given A units (and the B units currently matched to them); ``groups`` restricts which groups move.
 
-    ``start="identity"`` (default) descends from the identity (or ``init``). ``start="both"`` then
+    ``start="auto"`` (default) descends from the identity (or ``init``) and, only when that leaves a group
+    of four or more units where it was (the stall of freshly initialised transformers), descends again
+    from the anchored start and keeps the higher objective. ``"anchored"`` descends from the anchored
+    start only: groups assigned one at a time outward from the fixed axes (the stem's input, the classes),
+    each from the tensors whose other groups are already assigned. ``"identity"`` is plain coordinate
+    descent from the identity. ``start="both"`` descends from the identity and then
     descends a second time from an order-free assignment of every group (``_order_free_start``) and keeps
     the run with the higher objective (the identity run on ties): the objective is never lower than the
     identity start's, and planted permutations of freshly initialised transformers are recovered, at about
     twice the cost (docs/alignment.md, "A second, order-free start").
     """
-    if start not in ("identity", "both"):
-        raise ValueError(f"start must be 'identity' or 'both', got {start!r}")
+    if start not in ("auto", "identity", "both", "anchored"):
+        raise ValueError(f"start must be 'auto', 'identity', 'anchored' or 'both', got {start!r}")
     if prune_mode not in ("small", "large"):
         raise ValueError(f"prune_mode must be 'small' or 'large', got {prune_mode!r}")
     if not 0.0 <= prune_fraction < 1.0:
@@ -388,7 +422,12 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         A = {k: _magnitude_zeroed(t, prune_fraction, prune_mode) for k, t in A.items()}
         B = {k: _magnitude_zeroed(t, prune_fraction, prune_mode) for k, t in B.items()}
     members = _members(spec, keys)
-    todo = [g for g in (spec.groups if groups is None else groups) if members.get(g)]
+    # nested groups (attention heads, Group.blocks): head group -> its nested groups in the objective
+    heads = {h: [g for g in gs if members.get(g)] for h, gs in spec.nested().items()}
+    heads = {h: gs for h, gs in heads.items() if gs}
+    head_of = {g: h for h, gs in heads.items() for g in gs}
+    movable = set(spec.groups if groups is None else groups)
+    todo = [g for g in (spec.groups if groups is None else groups) if members.get(g) or g in heads]
     perm = {g: torch.arange(n) for g, n in sizes.items()}
     if init is not None:
         perm.update({g: torch.as_tensor(p) for g, p in init.items()})
@@ -403,10 +442,12 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
             a_cache[k] = _slices(A[m.key], m)
         return a_cache[k]
 
-    def similarity(g: str, invariant: bool) -> torch.Tensor:
+    def similarity(g: str, invariant: bool, only=None) -> torch.Tensor:
         n = sizes[g]
         s = torch.zeros(n, n, dtype=torch.float64, device=dev)
         ms = [m for m in members[g] if m.nested] if invariant else members[g]
+        if only is not None:
+            ms = [m for m in ms if id(m) in only]
         for m in ms:
             bt = _permuted(B[m.key], spec.axes[m.key], perm, sizes, m.dim, g)
             xa, xb = a_slices(m), _slices(bt, m)
@@ -427,8 +468,33 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     j_start = objective()
 
     def plain_score(g: str) -> float:
+        if g in heads and not members.get(g):  # a head group scores what its nested groups score
+            return sum(plain_score(n) for n in heads[g])
         s = similarity(g, False)
         return float(s[torch.arange(sizes[g], device=dev), perm[g].to(dev)].sum())
+
+    def head_step(h: str) -> tuple[float, float, dict[str, torch.Tensor]]:
+        """Heads and the insides of their movable nested groups at once (``_blocks.heads``); returns the
+        score before, after, and the new permutations."""
+        nb = sizes[h]
+        block = {g: sizes[g] // nb for g in heads[h]}
+        sims = {g: similarity(g, False) for g in heads[h] if g in movable}
+        extra = similarity(h, h in nested).cpu() if members.get(h) else torch.zeros(nb, nb, dtype=torch.float64)
+        keep = {}
+        for g in heads[h]:
+            if g not in movable:  # moves with its heads, keeping its inside order
+                order = _blocks.inside_order(perm[g], perm[h], block[g])
+                keep[g] = order
+                extra = extra + _blocks.fixed_scores(similarity(g, False), order, nb, block[g])
+        ar = torch.arange(nb)
+        old = float(extra[ar, perm[h]].sum())
+        for g, sg in sims.items():
+            old += float(sg[torch.arange(sizes[g], device=dev), perm[g].to(dev)].sum())
+        new_h, full = _blocks.heads(sims, nb, block, extra, keep)
+        new = float(extra[ar, new_h].sum())
+        for g, sg in sims.items():
+            new += float(sg[torch.arange(sizes[g], device=dev), full[g].to(dev)].sum())
+        return old, new, {h: new_h, **full}
 
     # per-group diagnostics use the plain objective, measured before the first and after the last sweep
     before = {g: plain_score(g) for g in todo}
@@ -443,6 +509,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         bar = _bar(progress, max_iter, f"weight matching ({label} start, sweeps)")
         sweeps = 0
         last_plain: dict[str, float] = {}  # plain similarity at each group's last visit
+        last_sim: dict[str, torch.Tensor] = {}  # and its matrix (kept for the margins: no recomputation)
         phase = "invariant" if nested and free_units is None else "plain"
         for it in range(max_iter):
             sweeps = it + 1
@@ -450,10 +517,22 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
             improved = 0
             order = [todo[i] for i in torch.randperm(len(todo), generator=gen).tolist()]
             for g in order:
+                if g in heads:
+                    old, new, moved = head_step(g)
+                    if new > old + 1e-9 * max(1.0, abs(old)):
+                        perm.update(moved)
+                        improved += 1
+                        diag[g]["changes"] += 1
+                        diag[g]["last_changed_sweep"] = sweeps
+                    continue
                 s = similarity(g, phase == "invariant" and g in nested)
                 ar = torch.arange(sizes[g], device=dev)
                 old = float(s[ar, perm[g].to(dev)].sum())
-                if free_units is not None and g in free_units:
+                if g in head_of:  # inside every head, the heads as they are
+                    rows = free_units.get(g) if free_units is not None else None
+                    h = head_of[g]
+                    new_p = _blocks.within(s, perm[h], sizes[g] // sizes[h], rows, perm[g])
+                elif free_units is not None and g in free_units:
                     rows = torch.as_tensor(free_units[g], dtype=torch.long)
                     if len(rows) < 2:
                         continue
@@ -465,6 +544,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                 new = float(s[ar, new_p.to(dev)].sum())
                 if phase == "plain" and not (phase == "invariant" and g in nested):
                     last_plain[g] = max(new, old)
+                    last_sim[g] = s
                 if new > old + 1e-9 * max(1.0, abs(old)):
                     perm[g] = new_p
                     improved += 1
@@ -483,15 +563,109 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         if bar is not None:
             bar.close()
         converged = bool(log) and log[-1]["groups_improved"] == 0 and log[-1]["phase"] == "plain"
+        final = last_sim if converged else {}  # plain similarities at the final permutations
+
+        def final_sim(g: str) -> torch.Tensor:
+            if g not in final:
+                final[g] = similarity(g, False)
+            return final[g]
+
         for g, d in diag.items():
             # a final sweep that changed nothing visited every group at its final permutation
-            d["similarity_after"] = last_plain[g] if converged and g in last_plain else plain_score(g)
+            if converged and g in last_plain:
+                d["similarity_after"] = last_plain[g]
+            elif members.get(g):
+                s = final_sim(g)
+                d["similarity_after"] = float(s[torch.arange(sizes[g], device=dev), perm[g].to(dev)].sum())
+            else:
+                d["similarity_after"] = plain_score(g)
             d["moved_fraction"] = float((perm[g] != torch.arange(sizes[g])).float().mean())
             d["sweeps"] = sweeps
+            # how clearly the final assignment beats every other (docs/alignment.md, "How sure is each group?")
+            if g in heads:
+                d.update(_head_certainty(perm[g], final_sim(g) if members.get(g) else None,
+                                         [(final_sim(n), perm[n]) for n in heads[g]]))
+            else:  # a nested group (in head_of): the alternatives inside the heads it is in
+                d.update(_certainty(final_sim(g), perm[g], perm[head_of[g]] if g in head_of else None))
         return diag, log
 
+    def anchored_start() -> None:
+        """Assign groups one at a time, outward from what is fixed (``start="anchored"``).
+
+        A member tensor *anchors* a group when every other group acting on it is already assigned (or
+        there is none: the stem's input axis, a classifier's classes and positional embeddings are fixed
+        by nature). The group with the most anchored values goes next and is assigned from its anchored
+        members alone, so no guess about a group not yet assigned enters its similarity; heads are
+        assigned together with the groups nested in them. This is one pass over the groups, costing
+        less than one sweep; coordinate descent then continues from it.
+        """
+        units = {g: [g] for g in todo if g not in head_of}
+        for h in heads:
+            if h in units:
+                units[h] = [h] + [g for g in heads[h] if g in todo]
+        for g in todo:  # a nested group whose head group does not move: a unit of its own
+            if g in head_of and head_of[g] not in units:
+                units[g] = [g]
+        deps: dict[int, set[str]] = {}
+        for g, ms in members.items():
+            for m in ms:
+                others = set()
+                for d, tree in enumerate(spec.axes[m.key]):
+                    if d != m.dim or m.nested:
+                        others.update(_groups_in(tree))
+                others.discard(g)
+                deps[id(m)] = others
+        assigned = set(spec.groups) - {g for gs in units.values() for g in gs}  # groups that do not move
+        numel = {id(m): A[m.key].numel() for ms in members.values() for m in ms}
+        pending = dict(units)
+        while pending:
+            best, best_mass, best_only = None, -1, None
+            for u, gs in pending.items():
+                inside = set(gs)
+                only = {id(m) for g in gs for m in members.get(g, ())
+                        if deps[id(m)] <= assigned | inside}
+                mass = sum(numel[i] for i in only)
+                if mass > best_mass:
+                    best, best_mass, best_only = u, mass, only
+            gs = pending.pop(best)
+            only = best_only if best_mass > 0 else None
+            if best in heads:
+                h = best
+                nb = sizes[h]
+                inner = [g for g in gs if g != h]
+                sims = {g: similarity(g, False, only) for g in inner}
+                own = similarity(h, False, only).cpu() if members.get(h) else None
+                perm[h], full = _blocks.heads(sims, nb, {g: sizes[g] // nb for g in inner}, own)
+                perm.update(full)
+            elif best in head_of:
+                h = head_of[best]
+                perm[best] = _blocks.within(similarity(best, False, only), perm[h], sizes[best] // sizes[h])
+            else:
+                perm[best] = assign(similarity(best, False, only)).cpu()
+            assigned.update(gs)
+
     initial = dict(perm)
-    diag, log = descend("identity" if init is None else "init")
+    if start == "anchored" and init is None and free_units is None:
+        anchored_start()
+    diag, log = descend("identity" if init is None and start != "anchored" else
+                        ("anchored" if init is None else "init"))
+    if start == "auto" and init is None and free_units is None and groups is None and log:
+        # Descent from the identity can stall with a whole group never moved: on freshly initialised
+        # transformers (LayerNorm affines all ones / zeros) only the stem and head tell the residual
+        # stream's order, the first sweep fits every block to its identity order, and that fit then
+        # outscores the true order. A group of independent networks that coordinate descent never moves
+        # is that symptom (a random order is optimal for no group of more than a few units), and only then
+        # is a second descent run, from the anchored start, keeping the higher objective: so J is never
+        # below the identity start's, and pairs that do not stall cost nothing more.
+        stalled = [g for g in todo if sizes[g] >= 4 and diag[g]["changes"] == 0]
+        if stalled:
+            first = (dict(perm), diag, log)
+            perm = dict(initial)
+            anchored_start()
+            diag, log = descend("anchored")
+            if first[2][-1]["objective"] >= log[-1]["objective"]:
+                perm, diag, log = first
+            log[-1]["anchored_start"] = {"stalled_groups": stalled[:20], "kept": log is not first[2]}
     if start == "both" and init is None and free_units is None and groups is None and log:
         # Second start: every group assigned at once by an order-free similarity (_order_free_start).
         # Coordinate descent from the identity fails on freshly initialised transformers: while the
@@ -504,7 +678,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         # starts below a stuck identity run, as independent models do, yet ends at the planted match).
         first = (dict(perm), diag, log)
         perm = dict(initial)
-        perm.update(_order_free_start(a_slices, B, members, todo, sizes, dev))
+        perm.update(_order_free_start(a_slices, B, members, todo, sizes, dev, heads))
         j0 = objective()
         diag, log = descend("order-free")
         if first[2][-1]["objective"] >= log[-1]["objective"]:
@@ -513,7 +687,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     return Permutation(perm), diag, log
 
 
-def _order_free_start(a_slices, B, members, todo, sizes, dev) -> dict[str, torch.Tensor]:
+def _order_free_start(a_slices, B, members, todo, sizes, dev, heads=None) -> dict[str, torch.Tensor]:
     """One assignment per group from a similarity that no other group's permutation can change.
 
     For each tensor carrying group ``g``, the slice of unit ``i`` holds all its positions across the other
@@ -533,14 +707,62 @@ def _order_free_start(a_slices, B, members, todo, sizes, dev) -> dict[str, torch
                          x.amax(1).double(), x.amin(1).double()], 1)
         return f * math.sqrt(x.shape[1])
 
-    out = {}
+    heads = heads or {}
+    nested = {g for gs in heads.values() for g in gs}
+    sims = {}
     for g in todo:
         n = sizes[g]
         s = torch.zeros(n, n, dtype=torch.float64, device=dev)
         for m in members[g]:
             s -= torch.cdist(feats(a_slices(m)), feats(_slices(B[m.key], m))) ** 2
-        out[g] = assign(s).cpu()
+        sims[g] = s
+    out = {g: assign(s).cpu() for g, s in sims.items() if g not in nested and g not in heads}
+    for h, gs in heads.items():  # heads and their insides at once (nested groups)
+        if h not in sims:
+            continue
+        nb = sizes[h]
+        inner = {g: sims[g] for g in gs if g in sims}
+        own = sims[h].cpu() if members.get(h) else None
+        out[h], full = _blocks.heads(inner, nb, {g: sizes[g] // nb for g in inner}, own)
+        out.update(full)
     return out
+
+
+def _certainty(s: torch.Tensor, p: torch.Tensor, head: torch.Tensor | None = None) -> dict[str, float]:
+    """A group's ``margin`` and ``confidence`` (``_solver.margin`` / ``confidence``) from its similarity
+    ``s`` and assignment ``p``. With ``head`` (a nested group's head permutation), over the alternatives
+    inside the heads: the least margin and the least confidence over the heads' blocks, each block's
+    margin its best exchange of two units (the exact closure of every block of every nested group would
+    cost a quarter of all the margins of a ViT-S/16)."""
+    p = p.to(s.device)
+    if head is None:
+        m = margins(s[None], p[None])[0]
+        return {"margin": m, "confidence": confidence(s, p, m)}
+    nb = len(head)
+    bs = len(p) // nb
+    head = head.to(s.device)
+    blocks = s.reshape(nb, bs, nb, bs)[torch.arange(nb, device=s.device), :, head, :]  # A head h, B head[h]
+    inside = p.view(nb, bs) - head[:, None] * bs
+    ms = margins(blocks, inside, exact_max=0)
+    return {"margin": min(ms), "confidence": min(confidences(blocks, inside, ms))}
+
+
+def _head_certainty(head: torch.Tensor, own: torch.Tensor | None,
+                    inner: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """``_certainty`` of a head group's permutation ``head``: on the heads x heads matrix of the value of
+    pairing A's head ``h`` with B's head ``k``, B's head keeping its inside order (as
+    ``_blocks.fixed_scores`` gives it, for every nested group in ``inner`` as (similarity, permutation);
+    plus ``own``, the head group's own similarity). Alternatives with re-optimised insides score at least
+    as much, so this bounds that margin from above, without the ``nb * nb`` small assignments per nested
+    group that they would cost."""
+    nb = len(head)
+    total = own.double().cpu() if own is not None else torch.zeros(nb, nb, dtype=torch.float64)
+    for s, p in inner:
+        bs = len(p) // nb
+        order = _blocks.inside_order(p, head, bs).to(s.device)  # (B head k, its j-th unit in A's order)
+        idx = order.T[None, :, :, None].expand(nb, bs, nb, 1)  # [h, j, k] -> order[k, j]
+        total = total + s.reshape(nb, bs, nb, bs).gather(3, idx)[..., 0].sum(1).double().cpu()
+    return _certainty(total, head)
 
 
 def _bar(progress: bool, total: int, desc: str):
@@ -573,9 +795,12 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
             ``include_stats`` (BatchNorm running statistics in the objective; default False),
             ``prune_fraction`` and ``prune_mode`` ("small" | "large": match on copies with that fraction of
             each weight tensor's smallest / largest magnitudes zeroed; the result applies to the real
-            weights), ``start`` ("identity", default | "both": also descend from an order-free start and
-            keep the better run; recovers planted permutations of freshly initialised transformers at
-            about twice the cost). Activation matching: ``similarity`` ("pearson" | "inner" | "cosine").
+            weights), ``start`` ("auto", default: from the identity, and again from the anchored start
+            when a group never moved, keeping the higher objective | "identity" | "anchored" | "both":
+            also from an order-free start; see docs/alignment.md, "Where coordinate descent starts"),
+            ``fold_bn`` (default False: match on copies with each BatchNorm folded
+            into the conv / linear layer that feeds it; the result applies to the real weights; see
+            docs/alignment.md). Activation matching: ``similarity`` ("pearson" | "inner" | "cosine").
 
     Returns:
         an Alignment mapping B's units onto A's: ``alignment.apply(b)`` is B reordered (same function).
@@ -598,11 +823,20 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
     settings = {"method": method, "max_iter": max_iter, "seed": seed, "num_samples": num_samples,
                 "device": None if device is None else str(device), **options}
     if method == "weight":
-        unknown = set(options) - {"include", "exclude", "include_stats", "prune_fraction", "prune_mode", "start"}
+        unknown = set(options) - {"include", "exclude", "include_stats", "prune_fraction", "prune_mode", "start",
+                                  "fold_bn"}
         if unknown:
             raise TypeError(f"unknown weight-matching options {sorted(unknown)}")
+        folded = None
+        if "fold_bn" in options:
+            from ._fold import check_option, fold_pair
+
+            if check_option(options.pop("fold_bn")):  # folded copies, for the similarity only
+                sa, sb, folded = fold_pair(spec, a, b, sa, sb, example_inputs)
         perm, diag, log = weight_matching(spec, sa, sb, max_iter=max_iter, seed=seed, progress=progress,
                                           device=device, **options)
+        if folded is not None:
+            log.insert(0, folded)
         return Alignment(perm, spec, "weight", settings, diag, log)
     if loader is None:
         raise ValueError("activation matching needs data: pass loader=<iterable of input batches>")

@@ -52,6 +52,50 @@ class Permutation(Mapping[str, torch.Tensor]):
         return all(torch.equal(p, torch.arange(p.numel())) for p in self._p.values())
 
 
+def expand_blocks(head: torch.Tensor, block: int) -> torch.Tensor:
+    """The permutation of ``len(head) * block`` units that moves whole blocks by ``head`` (no reordering
+    inside a block): ``out[h * block + d] = head[h] * block + d``."""
+    head = torch.as_tensor(head, dtype=torch.long)
+    return (head[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
+
+
+def nest(head: torch.Tensor, inner: torch.Tensor, block: int) -> torch.Tensor:
+    """A nested group's permutation from the head permutation and a block-diagonal ``inner`` one
+    (``inner[h*block + d] = h*block + tau_h[d]``): block ``h`` takes old block ``head[h]``, reordered by
+    that old head's own ``tau``. Inverse of ``unnest``."""
+    head = torch.as_tensor(head, dtype=torch.long)
+    inner = torch.as_tensor(inner, dtype=torch.long).view(len(head), block)
+    within = inner - torch.arange(len(head))[:, None] * block
+    return (head[:, None] * block + within[head]).reshape(-1)
+
+
+def unnest(head: torch.Tensor, full: torch.Tensor, block: int) -> torch.Tensor:
+    """The block-diagonal inner permutation of a nested group's permutation ``full`` (see ``nest``)."""
+    head = torch.as_tensor(head, dtype=torch.long)
+    full = torch.as_tensor(full, dtype=torch.long).view(len(head), block)
+    within = full - head[:, None] * block
+    inv = torch.argsort(head)
+    return (within[inv] + torch.arange(len(head))[:, None] * block).reshape(-1)
+
+
+def restrict(spec: PermutationSpec, perm: Mapping[str, torch.Tensor], groups) -> Permutation:
+    """``perm`` on the ``groups`` given, the identity elsewhere, kept valid for nested groups: a nested
+    group that moves while its head group does not keeps only its reordering inside each head; a head
+    group that moves carries the blocks of its nested groups along (unreordered when they do not move)."""
+    groups = set(groups)
+    out = {g: (torch.as_tensor(perm[g], dtype=torch.long) if g in groups else torch.arange(grp.size))
+           for g, grp in spec.groups.items()}
+    for h, gs in spec.nested().items():
+        head = torch.as_tensor(perm[h], dtype=torch.long)
+        for g in gs:
+            block = spec.groups[g].size // len(head)
+            if g in groups and h not in groups:
+                out[g] = unnest(head, perm[g], block)
+            elif h in groups and g not in groups:
+                out[g] = expand_blocks(head, block)
+    return Permutation(out)
+
+
 def identity(spec: PermutationSpec) -> Permutation:
     """The identity permutation of every group of ``spec``."""
     return Permutation({g: torch.arange(grp.size) for g, grp in spec.groups.items()})
@@ -63,8 +107,20 @@ def random_permutation(spec: PermutationSpec, generator: torch.Generator | int |
     if isinstance(generator, int):
         generator = torch.Generator().manual_seed(generator)
     chosen = set(spec.groups if groups is None else groups)
-    return Permutation({g: torch.randperm(grp.size, generator=generator) if g in chosen
-                        else torch.arange(grp.size) for g, grp in spec.groups.items()})
+    out = {}
+    for g, grp in spec.groups.items():
+        if g not in chosen:
+            out[g] = torch.arange(grp.size)
+        elif grp.blocks is None:
+            out[g] = torch.randperm(grp.size, generator=generator)
+        else:  # an independent permutation inside every head (the heads move with their own group)
+            nb = spec.groups[grp.blocks].size
+            block = grp.size // nb
+            out[g] = torch.cat([h * block + torch.randperm(block, generator=generator) for h in range(nb)])
+    for h, gs in spec.nested().items():
+        for g in gs:
+            out[g] = nest(out[h], out[g], spec.groups[g].size // spec.groups[h].size)
+    return Permutation(out)
 
 
 def compose(p: Mapping[str, torch.Tensor], q: Mapping[str, torch.Tensor]) -> Permutation:
@@ -112,6 +168,18 @@ def _check_perm(spec: PermutationSpec, perm: Mapping[str, torch.Tensor]) -> None
                                     f"(spec groups: {list(spec.groups)[:8]}...)")
         if len(p) != grp.size:
             raise SpecMismatchError(f"permutation of group {g!r} has {len(p)} entries; the group has {grp.size}")
+    for h, gs in spec.nested().items():
+        if h not in perm:
+            continue
+        head = torch.as_tensor(perm[h], dtype=torch.long)
+        for g in gs:
+            if g in perm:
+                block = spec.groups[g].size // len(head)
+                if not torch.equal(torch.as_tensor(perm[g]).view(len(head), block) // block, head[:, None].expand(-1, block)):
+                    raise SpecMismatchError(
+                        f"permutation of group {g!r} does not move its heads as group {h!r} does (each block of "
+                        f"{block} units must go to the head {h!r} assigns); build it with "
+                        "permgraph.permutation.nest(head, inner, block)")
 
 
 def permute_state_dict(state: Mapping[str, torch.Tensor], spec: PermutationSpec,

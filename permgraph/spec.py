@@ -27,7 +27,8 @@ from .errors import FileFormatError
 
 Tree = Any  # str | int | dict[str, list[Tree]]
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: groups may be nested in a block group (``Group.blocks``); version 1 files still load
+_READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,24 @@ class Member:
 
 @dataclass(frozen=True)
 class Group:
-    """A set of coupled axes that one permutation of ``size`` units acts on."""
+    """A set of coupled axes that one permutation of ``size`` units acts on.
+
+    ``blocks`` names a *block group* when the units form consecutive blocks that move together with
+    that group's units (attention heads): a *nested* group of ``size = H * d`` under a head group of size
+    ``H`` may only map block ``h`` (units ``h*d .. h*d+d-1``) onto block ``p_head[h]``, in any order
+    inside the block. So every head gets its own permutation of its ``d`` dims while the heads move as
+    wholes, and several nested groups under one head group (queries/keys, values/outputs) share the
+    head permutation. A head group may act on no axis of its own (``members`` empty).
+    """
 
     id: str
     size: int
     members: tuple[Member, ...]
+    blocks: str | None = None
+
+    @property
+    def nested(self) -> bool:
+        return self.blocks is not None
 
     @property
     def modules(self) -> list[str]:
@@ -146,13 +160,18 @@ class PermutationSpec:
     def from_axes(cls, axes: dict[str, list[Tree]], shapes: dict[str, tuple[int, ...]],
                   group_sizes: dict[str, int], frozen: Iterable[FrozenPart] = (),
                   aliases: dict[str, str] | None = None, info: dict[str, Any] | None = None,
-                  graph: nx.Graph | None = None, input_shapes: Iterable = ()) -> PermutationSpec:
+                  graph: nx.Graph | None = None, input_shapes: Iterable = (),
+                  blocks: dict[str, str] | None = None) -> PermutationSpec:
+        """``blocks`` maps nested group ids to their block (head) group (see ``Group``)."""
         members: dict[str, list[Member]] = {g: [] for g in group_sizes}
         for key, trees in axes.items():
             for dim, tree in enumerate(trees):
                 for g, m in _tree_members(tree, AxisRef(key, dim)):
                     members[g].append(m)
-        groups = {g: Group(g, group_sizes[g], tuple(ms)) for g, ms in members.items() if ms}
+        blocks = {g: h for g, h in (blocks or {}).items() if members.get(g)}
+        heads = set(blocks.values())
+        groups = {g: Group(g, group_sizes[g], tuple(ms), blocks.get(g)) for g, ms in members.items()
+                  if ms or g in heads}
         spec = cls(groups=groups, axes=axes, shapes={k: tuple(v) for k, v in shapes.items()},
                    frozen=list(frozen), aliases=dict(aliases or {}), info=dict(info or {}),
                    input_shapes=_input_shapes(input_shapes))
@@ -173,6 +192,21 @@ class PermutationSpec:
                 n = tree_size(tree, sizes)
                 if n != shape[dim]:
                     raise ValueError(f"spec: {key}[{dim}] tree covers {n} units but the axis has {shape[dim]}")
+        for g, grp in self.groups.items():
+            if grp.blocks is None:
+                continue
+            head = self.groups.get(grp.blocks)
+            if head is None or head.blocks is not None or grp.size % head.size:
+                raise ValueError(f"spec: group {g} is nested in {grp.blocks!r}, which is not a block group "
+                                 f"whose size divides {grp.size}")
+
+    def nested(self) -> dict[str, list[str]]:
+        """Block (head) group id -> the ids of the groups nested in it (see ``Group``); empty for most models."""
+        out: dict[str, list[str]] = {}
+        for g, grp in self.groups.items():
+            if grp.blocks is not None:
+                out.setdefault(grp.blocks, []).append(g)
+        return out
 
     # ------------------------------------------------------------------ queries
     @property
@@ -197,8 +231,12 @@ class PermutationSpec:
 
     def fingerprint(self) -> str:
         """A short hash of the spec's structure (keys, shapes, groups, axis trees)."""
-        payload = json.dumps({"axes": self.axes, "shapes": {k: list(v) for k, v in self.shapes.items()},
-                              "groups": self.group_sizes()}, sort_keys=True)
+        doc = {"axes": self.axes, "shapes": {k: list(v) for k, v in self.shapes.items()},
+               "groups": self.group_sizes()}
+        nested = {g: grp.blocks for g, grp in self.groups.items() if grp.blocks is not None}
+        if nested:  # (absent otherwise: fingerprints of specs without heads are unchanged)
+            doc["blocks"] = nested
+        payload = json.dumps(doc, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def __len__(self) -> int:
@@ -211,6 +249,8 @@ class PermutationSpec:
         unknown = ids - set(self.groups)
         if unknown:
             raise KeyError(f"unknown groups {sorted(unknown)}; the spec has {list(self.groups)[:10]}...")
+        # heads that stay in place keep the units of every head in place too (a subgroup: always safe)
+        ids |= {g for h, gs in self.nested().items() if h in ids for g in gs}
         sizes = self.group_sizes()
 
         def strip(tree: Tree) -> Tree:
@@ -228,15 +268,17 @@ class PermutationSpec:
         frozen = list(self.frozen)
         for g in sorted(ids, key=_gkey):
             grp = self.groups[g]
-            frozen.append(FrozenPart(grp.size, reason, tuple(m.axis for m in grp.members)))
+            if grp.members:
+                frozen.append(FrozenPart(grp.size, reason, tuple(m.axis for m in grp.members)))
         keep = {g: s for g, s in sizes.items() if g not in ids}
+        blocks = {g: grp.blocks for g, grp in self.groups.items() if grp.blocks is not None and g not in ids}
         graph = None
         if self._graph is not None:
             graph = self._graph.copy()
             graph.remove_nodes_from(ids)
             graph.remove_nodes_from([n for n in list(graph.nodes) if graph.degree(n) == 0])
         return PermutationSpec.from_axes(axes, self.shapes, keep, frozen, self.aliases, self.info, graph,
-                                         self.input_shapes)
+                                         self.input_shapes, blocks)
 
     def freeze_keys(self, patterns: Iterable[str], reason: str | None = None) -> PermutationSpec:
         """Freeze every group that acts on a state-dict key matching one of the glob ``patterns``."""
@@ -249,10 +291,12 @@ class PermutationSpec:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
+        nested = any(g.blocks is not None for g in self.groups.values())
         return {
-            "version": SPEC_VERSION,
-            "groups": [{"id": g.id, "size": g.size, "frozen": False,
-                        "modules": g.modules} for g in self.groups.values()],
+            # version 1 when no group is nested: older permgraph versions keep reading such files
+            "version": SPEC_VERSION if nested else 1,
+            "groups": [{"id": g.id, "size": g.size, "frozen": False, "modules": g.modules,
+                        **({"blocks": g.blocks} if g.blocks is not None else {})} for g in self.groups.values()],
             "axes": {k: list(v) for k, v in self.axes.items()},
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "frozen": [{"size": f.size, "reason": f.reason, "axes": [str(a) for a in f.axes]}
@@ -335,6 +379,7 @@ class PermutationSpec:
                          f"{ver.get('rel_error', float('nan')):.2e}, dtype {ver.get('dtype')})")
         lines.append("")
         lines.append("groups:")
+        nested = self.nested()
         for i, grp in enumerate(self.groups.values()):
             if i >= max_groups:
                 lines.append(f"  ... {len(self.groups) - max_groups} more groups")
@@ -343,6 +388,10 @@ class PermutationSpec:
             shown = ", ".join(mods[:4]) + (f", +{len(mods) - 4} more" if len(mods) > 4 else "")
             structured = sum(1 for m in grp.members if not m.plain)
             extra = f", {structured} structured (flatten/concat/heads)" if structured else ""
+            if grp.blocks is not None:
+                extra += f", one permutation per head of {self.groups[grp.blocks].size}"
+            elif grp.id in nested:
+                extra += f", heads of {', '.join(nested[grp.id])}"
             lines.append(f"  {grp.id:>5}  size {grp.size:<5} {len(grp.members)} axes{extra}: {shown}")
         unperm = [k for k in self.shapes if k not in perm_keys and _numel(self.shapes[k]) > 1]
         lines.append("")
@@ -411,16 +460,17 @@ def _from_dict(cls, d: Any, what: str) -> PermutationSpec:
     redo = "write it again with permgraph.trace(model).save(path)"
     if not isinstance(d, dict) or "groups" not in d or "axes" not in d:
         raise FileFormatError(f"{what} is not a permgraph spec (it has no 'groups' and 'axes'); {redo}")
-    if d.get("version") != SPEC_VERSION:
-        raise FileFormatError(f"{what} has spec version {d.get('version')!r}, but this permgraph reads version "
-                              f"{SPEC_VERSION}; {redo}")
+    if d.get("version") not in _READABLE_VERSIONS:
+        raise FileFormatError(f"{what} has spec version {d.get('version')!r}, but this permgraph reads versions "
+                              f"{', '.join(map(str, _READABLE_VERSIONS))}; {redo}")
     try:
         sizes = {g["id"]: int(g["size"]) for g in d["groups"]}
         frozen = [FrozenPart(int(f["size"]), f["reason"], tuple(_parse_axis(a) for a in f["axes"]))
                   for f in d.get("frozen", [])]
         spec = cls.from_axes(d["axes"], {k: tuple(v) for k, v in d["shapes"].items()}, sizes, frozen,
                              d.get("aliases", {}), d.get("info", {}),
-                             input_shapes=[(x["shape"], x["dtype"]) for x in d.get("inputs", [])])
+                             input_shapes=[(x["shape"], x["dtype"]) for x in d.get("inputs", [])],
+                             blocks={g["id"]: g["blocks"] for g in d["groups"] if g.get("blocks") is not None})
         hand = [g["id"] for g in d["groups"] if g.get("frozen")]
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         detail = f"missing entry {e}" if isinstance(e, KeyError) else str(e)

@@ -63,15 +63,20 @@ def test_grouped_conv_is_blocks_with_a_shared_block_permutation():
     x = torch.randn(2, 3, 6, 6, generator=_gen())
     spec = permgraph.trace(m, x)
     t_in = spec.axes["c1.weight"][0]
-    t_out = spec.axes["g.weight"][0]
-    assert set(t_in) == {"prod"} and set(t_out) == {"prod"}
+    assert set(t_in) == {"prod"}
     g_blocks, g_inner_in = t_in["prod"]
-    g_blocks2, g_inner_out = t_out["prod"]
-    assert g_blocks == g_blocks2 and spec.groups[g_blocks].size == 4  # whole groups move together
-    assert spec.groups[g_inner_in].size == 2 and spec.groups[g_inner_out].size == 3
+    assert spec.groups[g_blocks].size == 4  # whole groups move together
+    assert spec.groups[g_inner_in].size == 2
     assert spec.axes["g.weight"][1] == g_inner_in  # the same in-group permutation in every group
-    assert spec.axes["c2.weight"][1] == t_out
+    # the output channels: each group reorders its own 3 (the weight's input axis is per group, not per
+    # output channel), so they are a group nested in the block group
+    g_out = spec.axes["g.weight"][0]
+    assert spec.groups[g_out].size == 12 and spec.groups[g_out].blocks == g_blocks
+    assert spec.axes["c2.weight"][1] == g_out
     assert_equivalent(m, spec, x)
+    shared = permgraph.trace(m, x, nested_heads=False)  # the subgroup: one order shared by all groups
+    assert shared.axes["g.weight"][0] == {"prod": [g_blocks, shared.axes["g.weight"][0]["prod"][1]]}
+    assert_equivalent(m, shared, x)
 
 
 class Depthwise(nn.Module):
@@ -118,11 +123,15 @@ def test_group_norm_splits_channels_into_groups():
     m = GN()
     x = torch.randn(2, 3, 5, 5, generator=_gen())
     spec = permgraph.trace(m, x)
-    tree = spec.axes["gn.weight"][0]
-    assert set(tree) == {"prod"}
-    assert [spec.groups[g].size for g in tree["prod"]] == [4, 2]
-    assert spec.axes["c1.bias"][0] == tree
+    g = spec.axes["gn.weight"][0]
+    # the 4 groups move as wholes and each reorders its own 2 channels: a group nested in a block group
+    assert spec.groups[g].size == 8 and spec.groups[spec.groups[g].blocks].size == 4
+    assert spec.axes["c1.bias"][0] == g
     assert_equivalent(m, spec, x)
+    shared = permgraph.trace(m, x, nested_heads=False)  # one order shared by all groups
+    tree = shared.axes["gn.weight"][0]
+    assert set(tree) == {"prod"}
+    assert [shared.groups[g].size for g in tree["prod"]] == [4, 2]
 
 
 class FlattenLinear(nn.Module):
@@ -159,10 +168,12 @@ class Attention(nn.Module):
         x = self.embed(x)
         b, n, c = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = self.attend(*qkv.unbind(0))
         x = x + self.proj(y.transpose(1, 2).reshape(b, n, c))
         return self.head(x.mean(1))
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def test_fused_qkv_attention_has_heads_and_separate_qk_and_vo_dims():
@@ -173,12 +184,64 @@ def test_fused_qkv_attention_has_heads_and_separate_qk_and_vo_dims():
     assert spec.axes["norm.weight"][0] == resid and spec.axes["proj.weight"][0] == resid
     tree = spec.axes["qkv.weight"][0]
     assert set(tree) == {"sum"}
-    (h1, qk1), (h2, qk2), (h3, vo) = (t["prod"] for t in tree["sum"])
-    assert h1 == h2 == h3 and spec.groups[h1].size == 3  # heads move as a whole
+    qk1, qk2, vo = tree["sum"]
     assert qk1 == qk2 and vo != qk1  # queries and keys share a permutation, values have their own
-    assert spec.groups[qk1].size == 4 and spec.groups[vo].size == 4
-    assert spec.axes["proj.weight"][1] == {"prod": [h1, vo]}
-    assert len(spec.groups) == 4
+    # each head has its own order of its 4 query/key dims and of its 4 value dims; the 3 heads move as
+    # wholes, by one head permutation shared by both nested groups
+    h = spec.groups[qk1].blocks
+    assert h is not None and spec.groups[vo].blocks == h and spec.groups[h].size == 3
+    assert spec.groups[qk1].size == 12 and spec.groups[vo].size == 12
+    assert spec.groups[h].members == ()  # the heads act on no axis of their own here
+    assert spec.axes["proj.weight"][1] == vo
+    assert len(spec.groups) == 4 and spec.nested() == {h: [qk1, vo]}
+    assert_equivalent(m, spec, x)
+    # a permutation that reorders the dims of one head only keeps the function
+    p = permgraph.identity(spec)
+    inner = torch.arange(12)
+    inner[4:8] = torch.tensor([6, 4, 7, 5])
+    p = permgraph.Permutation({**p, qk1: inner})
+    y = m(x)
+    assert torch.allclose(permgraph.apply(m, spec, p)(x), y, atol=1e-6)
+    # ... and a head permutation must carry the blocks of its nested groups: anything else is refused
+    bad = permgraph.Permutation({**permgraph.identity(spec), h: torch.tensor([1, 0, 2])})
+    with pytest.raises(permgraph.SpecMismatchError, match="heads"):
+        permgraph.apply(m, spec, bad)
+    assert len(permgraph.trace(m, x, nested_heads=False).groups) == 4  # heads x one shared order of dims
+
+
+class SharedQNorm(Attention):
+    """A norm of the query/key dims with one weight vector shared by all heads (timm's qk_norm)."""
+
+    def __init__(self, dim=12, heads=3):
+        super().__init__(dim, heads)
+        self.qn = nn.LayerNorm(dim // heads)
+
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(self.qn(q), self.qn(k), v)
+
+
+class HeadMean(Attention):
+    """Adds the mean over heads to every head: dim d of one head meets dim d of the others."""
+
+    def attend(self, q, k, v):
+        y = F.scaled_dot_product_attention(q, k, v)
+        return y + y.mean(1, keepdim=True)
+
+
+def test_head_dims_stay_shared_where_heads_are_compared_dim_by_dim():
+    x = torch.randn(2, 7, 5, generator=_gen())
+    m = SharedQNorm()
+    spec = permgraph.trace(m, x)
+    qk, _, vo = spec.axes["qkv.weight"][0]["sum"]
+    # the shared norm weight ties dim d of every head: one order of the query/key dims for all heads
+    assert spec.axes["qn.weight"][0] == qk["prod"][1] and spec.groups[qk["prod"][1]].size == 4
+    assert isinstance(vo, str) and spec.groups[vo].blocks == qk["prod"][0]  # values: per head still
+    assert_equivalent(m, spec, x)
+    m = HeadMean()
+    spec = permgraph.trace(m, x)
+    qk, _, vo = spec.axes["qkv.weight"][0]["sum"]
+    assert isinstance(qk, str) and spec.groups[qk].blocks is not None  # queries/keys: per head
+    assert set(vo) == {"prod"}  # values are averaged over heads dim by dim: one shared order
     assert_equivalent(m, spec, x)
 
 
