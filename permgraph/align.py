@@ -397,7 +397,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     given A units (and the B units currently matched to them); ``groups`` restricts which groups move.
 
     ``start="auto"`` (default) descends from the identity (or ``init``) and, only when that leaves a group
-    of four or more units where it was (the stall of freshly initialised transformers), descends again
+    of eight or more units where it was (the stall of freshly initialised transformers), descends again
     from the anchored start and keeps the higher objective. ``"anchored"`` descends from the anchored
     start only: groups assigned one at a time outward from the fixed axes (the stem's input, the classes),
     each from the tensors whose other groups are already assigned. ``"identity"`` is plain coordinate
@@ -479,7 +479,9 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         nb = sizes[h]
         block = {g: sizes[g] // nb for g in heads[h]}
         sims = {g: similarity(g, False) for g in heads[h] if g in movable}
-        extra = similarity(h, h in nested).cpu() if members.get(h) else torch.zeros(nb, nb, dtype=torch.float64)
+        # the head group's own axes (a grouped convolution's blocks, say) in the plain similarity, like
+        # the nested groups' values it is added to
+        extra = similarity(h, False).cpu() if members.get(h) else torch.zeros(nb, nb, dtype=torch.float64)
         keep = {}
         for g in heads[h]:
             if g not in movable:  # moves with its heads, keeping its inside order
@@ -520,10 +522,12 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                 if g in heads:
                     old, new, moved = head_step(g)
                     if new > old + 1e-9 * max(1.0, abs(old)):
-                        perm.update(moved)
                         improved += 1
-                        diag[g]["changes"] += 1
-                        diag[g]["last_changed_sweep"] = sweeps
+                        for n, p in moved.items():  # the head group and every nested group it moved
+                            if n in diag and not torch.equal(p, perm[n]):
+                                diag[n]["changes"] += 1
+                                diag[n]["last_changed_sweep"] = sweeps
+                        perm.update(moved)
                     continue
                 s = similarity(g, phase == "invariant" and g in nested)
                 ar = torch.arange(sizes[g], device=dev)
@@ -654,10 +658,11 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         # transformers (LayerNorm affines all ones / zeros) only the stem and head tell the residual
         # stream's order, the first sweep fits every block to its identity order, and that fit then
         # outscores the true order. A group of independent networks that coordinate descent never moves
-        # is that symptom (a random order is optimal for no group of more than a few units), and only then
+        # is that symptom (the identity is the best order of n units by chance with odds about 1/n!, so
+        # only groups of 8 or more count: 3 heads may keep their order by chance), and only then
         # is a second descent run, from the anchored start, keeping the higher objective: so J is never
         # below the identity start's, and pairs that do not stall cost nothing more.
-        stalled = [g for g in todo if sizes[g] >= 4 and diag[g]["changes"] == 0]
+        stalled = [g for g in todo if sizes[g] >= 8 and diag[g]["changes"] == 0]
         if stalled:
             first = (dict(perm), diag, log)
             perm = dict(initial)
