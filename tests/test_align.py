@@ -293,3 +293,38 @@ def test_nested_permutations_compose_and_invert_like_plain_ones():
     both = permgraph.compose(perm, other)
     permgraph.apply(CASES["vit"][0]().eval(), spec, both)  # valid: the heads still carry their blocks
     assert permgraph.compose(both, permgraph.inverse(both)).is_identity()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])
+def test_planted_permutations_of_transformers_models_are_recovered_by_both_methods(name):
+    # small random configs of Hugging Face models (built offline), norms as initialised
+    T = pytest.importorskip("transformers", reason="needs the optional 'transformers' package")
+    configs = {
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=100,
+                                                       n_positions=32, use_cache=False)),
+        "bert": lambda: T.BertForMaskedLM(T.BertConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+                                                       intermediate_size=128, vocab_size=100,
+                                                       max_position_embeddings=32)),
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+                                                          num_key_value_heads=4, intermediate_size=128,
+                                                          vocab_size=100, max_position_embeddings=32,
+                                                          use_cache=False)),
+    }
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids).logits
+
+    torch.manual_seed(0)
+    a = Logits(configs[name]()).eval()
+    spec = permgraph.trace(a, (torch.randint(0, 100, (2, 16)),))
+    assert spec.nested()  # per-head value dims (and query/key dims, except under rotary embeddings)
+    perm = permgraph.random_permutation(spec, 3)
+    b = permgraph.apply(a, spec, perm)
+    assert _mismatched(permgraph.align(a, b, spec=spec, progress=False), perm) == 0
+    xs = [torch.randint(0, 100, (32, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    assert _mismatched(permgraph.align(a, b, "activation", xs, spec=spec, progress=False), perm) == 0
