@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._solver import assign
+from .permutation import expand_blocks
 
 
 def _pairs(s: torch.Tensor, nb: int, block: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
@@ -45,14 +46,13 @@ def within(s: torch.Tensor, head: torch.Tensor, block: int, rows: torch.Tensor |
     those A units (and the B units ``current`` gives them) are reassigned, inside their blocks."""
     nb = len(head)
     s4 = s.reshape(nb, block, nb, block)
-    out = (head[:, None] * block + torch.arange(block)[None, :]).reshape(-1).clone() if current is None \
-        else current.clone()
     if rows is None:
         parts = []
         for h in range(nb):
             k = int(head[h])
             parts.append(k * block + assign(s4[h, :, k, :]))
         return torch.cat(parts)
+    out = expand_blocks(head, block) if current is None else current.clone()
     rows = torch.as_tensor(rows, dtype=torch.long)
     for h in torch.unique(rows // block).tolist():
         r = rows[rows // block == h]

@@ -764,9 +764,7 @@ def _head_certainty(head: torch.Tensor, own: torch.Tensor | None,
     total = own.double().cpu() if own is not None else torch.zeros(nb, nb, dtype=torch.float64)
     for s, p in inner:
         bs = len(p) // nb
-        order = _blocks.inside_order(p, head, bs).to(s.device)  # (B head k, its j-th unit in A's order)
-        idx = order.T[None, :, :, None].expand(nb, bs, nb, 1)  # [h, j, k] -> order[k, j]
-        total = total + s.reshape(nb, bs, nb, bs).gather(3, idx)[..., 0].sum(1).double().cpu()
+        total = total + _blocks.fixed_scores(s, _blocks.inside_order(p, head, bs), nb, bs)
     return _certainty(total, head)
 
 
