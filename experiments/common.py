@@ -186,23 +186,34 @@ class Context:
         self.spec, self.store, self.device, self.progress = spec, store, torch.device(device), progress
         self.run_dir = store.run_dir(spec)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._data = None
+        self.prefix = ""  # of unit names (a zoo's model label)
+        self._shared_data = [None]  # one data set for this context and its parts
         self._specs: dict[tuple, permgraph.PermutationSpec] = {}
         self._expected: set[Path] = set()
         # progress lines (stderr and log.txt) with progress=True; tqdm bars of training in a terminal
         self.tracker = Progress(progress, log=lambda text: store.log(self.run_dir, text))
 
+    def part(self, spec, prefix: str) -> Context:
+        """A context for ``spec``, a part of this run (one model of a zoo): its units are stored in this run's
+        folder under names starting with ``prefix``; data, store, device and progress lines are shared."""
+        part = Context.__new__(Context)
+        part.__dict__.update(self.__dict__)
+        part.spec, part.prefix, part._specs = spec, self.prefix + prefix, {}
+        return part
+
     # ------------------------------------------------------------------ data and models
     @property
     def data(self) -> permgraph.data.Data:
-        if self._data is None:
+        if self._shared_data[0] is None:
             d = self.spec.data
             t0 = time.perf_counter()
-            self._data = permgraph.data.get(d.name, root=d.root, download=d.download, normalize=d.normalize,
-                                            augment=d.augment, seed=d.seed, **d.kwargs)
-            self.tracker.say(f"data {d.name}: {len(self._data.train)} training and {len(self._data.test)} test "
+            shape = {k: v for k, v in (("resize", d.resize), ("channels", d.channels)) if v is not None}
+            self._shared_data[0] = permgraph.data.get(d.name, root=d.root, download=d.download, normalize=d.normalize,
+                                            augment=d.augment, seed=d.seed, **shape, **d.kwargs)
+            data = self._shared_data[0]
+            self.tracker.say(f"data {d.name}: {len(data.train)} training and {len(data.test)} test "
                              f"examples, loaded in {time.perf_counter() - t0:.1f}s")
-        return self._data
+        return self._shared_data[0]
 
     def build(self, seed: int = 0, **override) -> torch.nn.Module:
         """The spec's model initialised from ``seed``; the caller's random state is left as it was."""
@@ -243,9 +254,12 @@ class Context:
     def _network_key(self, seed: int, checkpoints, override: dict) -> tuple[dict[str, Any], list[int], Path]:
         t = self.spec.train
         ckpts = sorted(set(t.checkpoints) | set(checkpoints or []))
-        key = {"model": self.spec.model.model_dump(mode="json"), "override": override,
-               "data": self.spec.data.model_dump(mode="json"),
-               "train": t.model_dump(mode="json", exclude={"checkpoints"}), "checkpoints": ckpts, "seed": seed}
+        # fields at their defaults are left out (as in the run hash): a new field with a no-op default
+        # keeps every stored network valid
+        key = {"model": self.spec.model.model_dump(mode="json", exclude_defaults=True), "override": override,
+               "data": self.spec.data.model_dump(mode="json", exclude_defaults=True),
+               "train": t.model_dump(mode="json", exclude={"checkpoints"}, exclude_defaults=True),
+               "checkpoints": ckpts, "seed": seed}
         return key, ckpts, self.store.network_dir(key)
 
     def expect_networks(self, seeds, checkpoints: list[int] | None = None, **override) -> None:
@@ -269,6 +283,7 @@ class Context:
             self.store.log(self.run_dir, f"training network seed={seed} {override} -> {d}")
             write_json(d / "key.json", key)
             data = self.data  # loaded before the training's clock starts
+            t0 = time.perf_counter()
             with self.fork_rng(), self.tracker.training(desc, t.epochs) as callbacks:
                 out = permgraph.train(lambda: self.create(**override), data, epochs=t.epochs,
                                       batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr,
@@ -277,6 +292,9 @@ class Context:
                                       data_seed=seed, checkpoints=ckpts, checkpoint_dir=str(d),
                                       progress=self.progress, device=self.device, callbacks=callbacks)
             self.tracker.found(d)
+            # how long it took, for reports (not part of any results.json)
+            write_json(d / "time.json", {"seconds": round(time.perf_counter() - t0, 3), "device": str(self.device),
+                                         "threads": torch.get_num_threads()})
             save_state_dict(out.model.state_dict(), str(final))
         return {"final": load_state_dict(str(final)), "dir": d,
                 "epoch": {n: (lambda n=n: load_state_dict(str(d / f"ckpt_epoch{n}.safetensors"))) for n in ckpts}}
@@ -289,7 +307,7 @@ class Context:
     # ------------------------------------------------------------------ units of work
     def unit(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` once: its JSON result is stored as units/<name>.json and reused on re-runs."""
-        path = self.store.unit_path(self.run_dir, name)
+        path = self.store.unit_path(self.run_dir, self.prefix + name)
         if path.exists():
             return read_json(path)
         self.tracker.work += 1

@@ -35,6 +35,10 @@ class DataSpec(_Strict):
     augment: bool = Field(default=False, description="random flip + 4-pixel crop on the training set")
     seed: int = Field(default=0, description="split / generation seed")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments (fake: input_shape, ...)")
+    resize: int | None = Field(default=None, ge=1, description="resize images to this square size (e.g. 32, for "
+                               "timm/torchvision models with a minimum input size)")
+    channels: int | None = Field(default=None, ge=1, description="repeat a gray channel this many times (3: "
+                                 "models built for RGB)")
 
 
 class TrainSpec(_Strict):
@@ -79,11 +83,14 @@ class IMPSpec(_Strict):
     arms: list[Literal["own", "dense_perm", "level_perm", "unpermuted", "random", "oneshot"]] = Field(
         default_factory=lambda: ["own", "dense_perm", "level_perm", "unpermuted", "random", "oneshot"])
     arm_levels: list[int] = Field(default_factory=list, description="levels with mask-transfer arms (default all)")
+    retrain: Literal["continue", "restart"] = Field(
+        default="continue", description="how each level retrains from the rewind point: 'continue' runs the "
+        "rest of level 0's schedule (learning rate and data order from the rewind step to the end, as in "
+        "open_lth and Frankle et al.); 'restart' trains a full schedule from step 0 (the old behaviour)")
 
 
-class _Experiment(_Strict):
+class _Base(_Strict):
     name: str = Field(description="a short name; part of the run folder's name")
-    model: ModelSpec
     data: DataSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
     matching: MatchSpec = Field(default_factory=MatchSpec)
@@ -96,6 +103,10 @@ class _Experiment(_Strict):
 
     def run_name(self) -> str:
         return f"{self.kind}-{self.name}-{self.run_hash()}"
+
+
+class _Experiment(_Base):
+    model: ModelSpec
 
 
 class PairExperiment(_Experiment):
@@ -200,8 +211,57 @@ class LandscapeExperiment(_Experiment):
                                             "(first barrier.subset examples)")
 
 
-Experiment = Annotated[PairExperiment | TrajectoryExperiment | IMPExperiment | TripletExperiment | WMLimitsExperiment | LandscapeExperiment, Field(discriminator="kind")]
-KINDS = ("pair", "trajectory", "imp", "triplet", "wm_limits", "landscape")
+class ZooModel(_Strict):
+    label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the architecture's short name: a row "
+                       "of the table and a key of results.json")
+    name: str = Field(description="zoo name, timm:<name>, torchvision:<name>, or a model class such as "
+                      "timm:MlpMixer (every size an argument)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
+    train: dict[str, Any] = Field(default_factory=dict, description="training settings of this model that differ "
+                                  "from the spec's train (any field of train)")
+
+
+class ZooExperiment(_Base):
+    """One protocol across architectures: per model, seed pairs trained alike, barriers unaligned and after
+    each matching method, the self-permuted control, trace coverage and wall time per phase."""
+
+    from pydantic import model_validator
+
+    kind: Literal["zoo"]
+    models: list[ZooModel] = Field(min_length=1, description="the architectures, each with a unique label")
+    seeds: list[tuple[int, int]] = Field(min_length=1, description="seed pairs (A, B), the same for every model")
+
+    @model_validator(mode="after")
+    def _labels_and_overrides(self):
+        labels = [m.label for m in self.models]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"models: labels must be unique; repeated: {dup}")
+        for m in self.models:
+            unknown = sorted(set(m.train) - set(TrainSpec.model_fields))
+            if unknown:
+                raise ValueError(f"models[{m.label}].train: unknown fields {unknown} (allowed: "
+                                 f"{', '.join(TrainSpec.model_fields)})")
+            self.train_of(m)
+        return self
+
+    def train_of(self, m: ZooModel) -> TrainSpec:
+        """The training settings of model ``m``: the spec's ``train`` with ``m.train`` over it."""
+        try:
+            return TrainSpec(**{**self.train.model_dump(), **m.train})
+        except ValidationError as e:
+            raise ValueError(f"models[{m.label}].train: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+
+    def pair_spec(self, m: ZooModel) -> PairExperiment:
+        """The pair experiment this spec runs for model ``m`` (its networks are shared with pair runs of the
+        same model, data and training)."""
+        return PairExperiment(kind="pair", name=f"{self.name}-{m.label}", model=ModelSpec(name=m.name,
+                              kwargs=m.kwargs), data=self.data, train=self.train_of(m), matching=self.matching,
+                              barrier=self.barrier, seeds=self.seeds)
+
+
+Experiment = Annotated[PairExperiment | TrajectoryExperiment | IMPExperiment | TripletExperiment | WMLimitsExperiment | LandscapeExperiment | ZooExperiment, Field(discriminator="kind")]
+KINDS = ("pair", "trajectory", "imp", "triplet", "wm_limits", "landscape", "zoo")
 _ADAPTER = TypeAdapter(Experiment)
 
 
@@ -234,7 +294,7 @@ def parse(data: dict, source: str = "<spec>"):
 def _model_for(kind: str, loc: tuple) -> type[BaseModel] | None:
     model: Any = {"pair": PairExperiment, "trajectory": TrajectoryExperiment, "imp": IMPExperiment,
                   "triplet": TripletExperiment, "wm_limits": WMLimitsExperiment,
-                  "landscape": LandscapeExperiment}[kind]
+                  "landscape": LandscapeExperiment, "zoo": ZooExperiment}[kind]
     for part in loc:
         field = model.model_fields.get(str(part)) if isinstance(model, type) else None
         if field is None:

@@ -265,8 +265,72 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
+class _Mapped(Dataset):
+    """``base`` with ``fn`` applied to each example's input (disk-based data sets, item by item)."""
+
+    def __init__(self, base: Dataset, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.base, self.fn = base, fn
+        for attr in ("classes", "targets"):  # what torchvision data sets offer, passed through
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return self.fn(x.unsqueeze(0)).squeeze(0), y
+
+
+def _reshaper(shape: tuple[int, ...], resize, channels) -> tuple[Callable[[torch.Tensor], torch.Tensor], tuple]:
+    """A function of a batch of images (n, c, h, w) that resizes them to ``resize`` (an int: square; or
+    (h, w)) with antialiased bilinear interpolation and repeats a single channel ``channels`` times; and the
+    new input shape."""
+    if len(shape) != 3:
+        raise ValueError(f"resize and channels apply to images (channels, height, width); this data set's inputs "
+                         f"have shape {shape}")
+    c, h, w = shape
+    if resize is not None:
+        size = (int(resize), int(resize)) if isinstance(resize, int) else tuple(int(v) for v in resize)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"resize must be a positive int or (height, width), got {resize!r}")
+        h, w = size
+    if channels is not None:
+        if channels < 1 or (c != channels and c != 1):
+            raise ValueError(f"channels={channels}: only a single (gray) channel can be repeated, and this data "
+                             f"set has {c}; leave channels out or set it to {c}")
+        out_c = int(channels)
+    else:
+        out_c = c
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (h, w):
+            x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False,
+                                                antialias=True)
+        if x.shape[1] != out_c:
+            x = x.expand(-1, out_c, -1, -1).contiguous()
+        return x
+
+    return fn, (out_c, h, w)
+
+
+def _reshape(data: Data, resize, channels) -> Data:
+    fn, shape = _reshaper(data.info.input_shape, resize, channels)
+
+    def apply(ds):
+        if ds is None:
+            return None
+        if isinstance(ds, TensorDataset):  # in memory: all at once, in chunks
+            x = torch.cat([fn(chunk) for chunk in ds.tensors[0].split(1024)])
+            return TensorDataset(x, *ds.tensors[1:])
+        return _Mapped(ds, fn)
+
+    return Data(apply(data.train), apply(data.test), DataInfo(data.info.name, shape, data.info.num_classes),
+                apply(data.train_eval))
+
+
 def get(name: str, *, root=None, download: bool = False, normalize: bool = True, augment: bool = False,
-        seed: int = 0, **kw) -> Data:
+        seed: int = 0, resize: int | tuple[int, int] | None = None, channels: int | None = None, **kw) -> Data:
     """The train/test data set ``name`` (see the module docstring).
 
     Args:
@@ -276,12 +340,18 @@ def get(name: str, *, root=None, download: bool = False, normalize: bool = True,
         augment: the paper's CIFAR augmentation (random flip + 4-pixel crop) on the training set; the
             evaluation subsets (``Data.subset``) never augment.
         seed: the split seed (digits, mnist5k) / generation seed (mnist1d, fake).
+        resize: image inputs resized to this size (an int: square, or (height, width)) with antialiased
+            bilinear interpolation, after normalisation; e.g. ``resize=32`` runs models with a minimum input
+            size (timm, torchvision) on ``digits`` or ``mnist5k``.
+        channels: a gray channel repeated this many times (``channels=3`` for models built for RGB).
     """
     if name not in REGISTRY:
         close = difflib.get_close_matches(str(name), available(), n=3)
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise UnknownNameError(f"unknown data set {name!r}; {hint}available: {', '.join(available())}")
     data = REGISTRY[name](root=root, download=download, normalize=normalize, augment=augment, seed=seed, **kw)
+    if resize is not None or channels is not None:
+        data = _reshape(data, resize, channels)
     if augment and name in ("digits", "mnist5k", "fake") and len(data.info.input_shape) == 3:
         data.train_eval = data.train
         data.train = _Augmented(data.train, pad=max(1, data.info.input_shape[-1] // 8), seed=seed)

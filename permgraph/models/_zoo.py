@@ -442,12 +442,29 @@ def _build(label: str, builder: Callable[..., nn.Module], kw: dict[str, Any]) ->
         if "unexpected keyword argument" not in str(e) and "got multiple values" not in str(e):
             raise
         args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-        raise TypeError(f"cannot build {label} with {args or 'no arguments'}: {e}") from None
+        hint = ""
+        if "got multiple values" in str(e) and label.startswith(("timm:", "torchvision:")):
+            lib = label.split(":")[0]
+            hint = (f"; the variant fixes that argument: name its model class instead, with every argument "
+                    f"(e.g. '{lib}:{'MlpMixer' if lib == 'timm' else 'DenseNet'}')")
+        raise TypeError(f"cannot build {label} with {args or 'no arguments'}: {e}{hint}") from None
+
+
+def _model_class(namespace, name: str) -> type[nn.Module] | None:
+    """The nn.Module subclass ``namespace.<name>`` (a model class such as timm's ``MlpMixer``), if any."""
+    cls = getattr(namespace, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
 
 
 def _create_timm(name: str, kw: dict[str, Any]) -> nn.Module:
     import timm
+    import timm.models
 
+    cls = None if timm.is_model(name) else _model_class(timm.models, name)
+    if cls is not None:  # a model class: every size is an argument (the named variants fix some)
+        _reject_download_kw("timm", kw)
+        kw.pop("pretrained", None)
+        return _build(f"timm:{name}", cls, kw)
     if not timm.is_model(name):
         raise UnknownNameError(
             f"unknown timm model {name!r}; {_close(name, timm.list_models())}see the available ones with "
@@ -461,6 +478,10 @@ def _create_torchvision(name: str, kw: dict[str, Any]) -> nn.Module:
     import torchvision.models as tvm
 
     names = tvm.list_models()
+    cls = None if name.lower() in names else _model_class(tvm, name)
+    if cls is not None:  # a model class (DenseNet, ResNet, ...): every size is an argument
+        _reject_download_kw("torchvision", kw)
+        return _build(f"torchvision:{name}", cls, kw)
     if name.lower() not in names:
         raise UnknownNameError(
             f"unknown torchvision model {name!r}; {_close(name.lower(), names)}see the available ones with "
@@ -479,7 +500,10 @@ def create(name: str, **kw: Any) -> nn.Module:
     """Build a randomly initialised model by name.
 
     ``name`` is one of :func:`available` (``"mlp"``, ``"vgg11|13|16|19"``,
-    ``"resnet20|32|56"``), ``"timm:<model>"`` or ``"torchvision:<model>"``.
+    ``"resnet20|32|56"``), ``"timm:<model>"`` or ``"torchvision:<model>"``. A model *class* exported
+    by ``timm.models`` or ``torchvision.models`` (``"timm:MlpMixer"``, ``"torchvision:DenseNet"``) is
+    built from the keyword arguments alone: the way to set a size that a named variant fixes (timm's
+    ``mixer_s16_224`` fixes ``num_blocks``, torchvision's ``densenet121`` fixes ``growth_rate``).
     Keyword arguments go to the model constructor. Nothing is ever downloaded.
     An unknown name raises :class:`permgraph.UnknownNameError` (a ``ValueError``)
     that suggests close matches; an unknown keyword argument raises ``TypeError``.
