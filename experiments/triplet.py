@@ -4,7 +4,7 @@ For every width and every seed triple (A, B, C), with the alignment method ``mat
 
 * pair barrier: A against P_AB(B) (B aligned directly to A);
 * triplet barrier: A and B aligned to C separately, then the barrier between P_CA(A) and P_CB(B);
-* composed permutation: P_AC∘P_CB (``compose(al_ca.inverse(), al_cb)`` maps B onto A through C): the
+* composed permutation: P_AC∘P_CB (``al_ca.inverse().after(al_cb)`` maps B onto A through C): the
   barrier of A against it (equal to the triplet barrier up to numerics: a consistency check of the
   composition convention) and the fraction of units on which it agrees with the direct P_AB;
 * chains A <- N1 <- ... <- Nk <- B (N1 = C, then extra networks with seeds above every seed of the spec,
@@ -97,7 +97,7 @@ def triple_unit(ctx: Context, w, sa: int, sb: int, sc: int) -> dict[str, Any]:
             return cache[(x, y)]
 
         al_ab, al_ca, al_cb = al(sa, sb), al(sc, sa), al(sc, sb)
-        composed = permgraph.compose(al_ca.inverse(), al_cb)  # B onto A through C
+        composed = al_ca.inverse().after(al_cb)  # B onto A through C
         res: dict[str, Any] = {"seeds": [sa, sb, sc], "barriers": {
             "none": ctx.barriers(a, b, note="unaligned"),
             "pair": ctx.barriers(a, al_ab.apply(b), note="pair"),
@@ -105,7 +105,7 @@ def triple_unit(ctx: Context, w, sa: int, sb: int, sc: int) -> dict[str, Any]:
             "composed": ctx.barriers(a, composed.apply(b), note="composed"),
         }}
         res["agreement"] = agreement(composed, al_ab)
-        cycle = permgraph.compose(permgraph.compose(al_ab, al(sb, sc)), al_ca)  # A onto A via C and B
+        cycle = al_ab.after(al(sb, sc)).after(al_ca)  # A onto A via C and B
         res["cycle_fixed"] = fixed_points(cycle)
         # when matching is symmetric (align(b, c) is the inverse of align(c, b)) the cycle's fixed points are
         # exactly the units on which the composed and the direct permutations agree
@@ -116,7 +116,7 @@ def triple_unit(ctx: Context, w, sa: int, sb: int, sc: int) -> dict[str, Any]:
             path = [sa, sc, *chain_seeds(spec)[:k - 1], sb]
             p = al(path[0], path[1])
             for x, y in zip(path[1:-1], path[2:]):
-                p = permgraph.compose(p, al(x, y))
+                p = p.after(al(x, y))
             chains.append({"intermediates": k, "path": path,
                            "barriers": ctx.barriers(a, p.apply(b), note=f"chain {k}"),
                            "agreement": agreement(p, al_ab)})
@@ -139,8 +139,8 @@ def control_unit(ctx: Context, w) -> dict[str, Any]:
         c = permgraph.apply(a, perm_spec, permgraph.random_permutation(perm_spec, 2))
         al_ab, al_ca, al_cb, al_bc = (ctx.align(x, y, "weight", perm_spec) for x, y in
                                       ((a, b), (c, a), (c, b), (b, c)))
-        composed = permgraph.compose(al_ca.inverse(), al_cb)
-        cycle = permgraph.compose(permgraph.compose(al_ab, al_bc), al_ca)
+        composed = al_ca.inverse().after(al_cb)
+        cycle = al_ab.after(al_bc).after(al_ca)
         out["permuted_copies"] = {
             "agreement": agreement(composed, al_ab)["overall"],
             "cycle_fixed": fixed_points(cycle)["overall"],

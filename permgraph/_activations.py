@@ -228,18 +228,34 @@ def _does_not_fit(x: torch.Tensor, e: Exception) -> ValueError:
 
 
 def _template(key: tuple, spec: PermutationSpec, a: nn.Module, x: torch.Tensor, fresh: bool) -> _Template:
-    """The cached template for ``key`` (or a freshly exported one), most recently used last."""
-    if not fresh and key in _TEMPLATES:
-        _TEMPLATES.move_to_end(key)
-        return _TEMPLATES[key]
+    """The cached template for ``key`` (or a freshly exported one), most recently used last. The cache is
+    read and written under ``_LOCK``; the export itself (slow) runs outside it."""
+    if not fresh:
+        with _LOCK:
+            tpl = _TEMPLATES.get(key)
+            if tpl is not None:
+                _TEMPLATES.move_to_end(key)
+                return tpl
     try:
         tpl = _Template(spec, a, x)
-    except Exception as e:
+    except Exception as e:  # any failure of the export: the batch does not fit the model (named in the error)
         raise _does_not_fit(x, e) from e
-    _TEMPLATES[key] = tpl
-    while len(_TEMPLATES) > _MAX_TEMPLATES:
-        _TEMPLATES.popitem(last=False)
+    with _LOCK:
+        _TEMPLATES[key] = tpl
+        _TEMPLATES.move_to_end(key)
+        while len(_TEMPLATES) > _MAX_TEMPLATES:
+            _TEMPLATES.popitem(last=False)
     return tpl
+
+
+def _is_cached(key: tuple) -> bool:
+    with _LOCK:
+        return key in _TEMPLATES
+
+
+def _forget(key: tuple) -> None:
+    with _LOCK:
+        _TEMPLATES.pop(key, None)
 
 
 def _model_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -500,11 +516,14 @@ def _disagreement(got: tuple, model: nn.Module, x: torch.Tensor) -> str | None:
     Checked first on a few leading samples, which costs a fraction of a batch, and on the whole batch
     only when that does not settle it (outputs without a leading batch dim, models that mix samples)."""
     k = min(4, x.shape[0])
-    try:
-        if _mismatch(tuple(o[:k] for o in got), _model_outputs(model, x[:k])) is None:
+    batched = all(getattr(o, "ndim", 0) >= 1 and o.shape[0] == x.shape[0] for o in got)
+    if k < x.shape[0] and batched:
+        try:
+            few = _model_outputs(model, x[:k])
+        except (RuntimeError, ValueError):  # a model that cannot run on k samples: the whole batch decides
+            few = None
+        if few is not None and _mismatch(tuple(o[:k] for o in got), few) is None:
             return None
-    except Exception:
-        pass
     try:
         want = _model_outputs(model, x)
     except Exception as e:
@@ -518,7 +537,7 @@ def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module,
     both models' outputs; returns the pair (still bound) and the taps of ``x``. A cached template that
     does not is exported afresh; a model B that computes a different function of its tensors than model
     A's graph is an error."""
-    for fresh in (key not in _TEMPLATES, True):
+    for fresh in (not _is_cached(key), True):
         pair = _Pair(_template(key, spec, a, x, fresh), a, b)
         held: list[tuple] = []
         try:
@@ -536,7 +555,7 @@ def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module,
             pair.close()
             raise
         pair.close()
-        _TEMPLATES.pop(key, None)
+        _forget(key)
         if fresh:
             raise ValueError(f"model A's exported graph does not reproduce its output on a batch of shape "
                              f"{tuple(x.shape)} ({why}); activation matching needs a model that computes the "

@@ -59,6 +59,18 @@ class Alignment:
         """The alignment that maps A's units onto B's."""
         return Alignment(self.perm.inverse(), self.spec, "inverse", {"of": self.method})
 
+    def after(self, other: Alignment) -> Alignment:
+        """This alignment applied after ``other``: for ``ab = align(a, b)`` (B onto A) and
+        ``bc = align(b, c)`` (C onto B), ``ab.after(bc)`` maps C onto A, and ``ab.after(bc).apply(c)`` equals
+        ``ab.apply(bc.apply(c))``. (Plain permutations compose with ``permgraph.compose(p, q)``: p, then q.)"""
+        if not isinstance(other, Alignment):
+            raise TypeError(f"after() takes an Alignment, got {type(other).__name__}; compose permutations with "
+                            "permgraph.compose(p, q)")
+        if self.spec.fingerprint() != other.spec.fingerprint():
+            raise SpecMismatchError("cannot chain alignments of different specs (their spec fingerprints differ); "
+                                    "align every model with one spec")
+        return Alignment(_compose(other.perm, self.perm), self.spec, "composed", {"of": [self.method, other.method]})
+
     @property
     def fixed_fraction(self) -> float:
         """Fraction of all units that the alignment leaves in place."""
@@ -181,20 +193,13 @@ class Alignment:
         return cls(perm, spec if spec is not None else saved, method, settings, groups, log)
 
 
-def compose(ab, bc):
-    """Compose alignments or permutations.
-
-    For alignments, ``ab = align(a, b)`` maps B onto A and ``bc = align(b, c)`` maps C onto B; the result
-    maps C onto A (``bc`` is applied first, then ``ab``). For plain permutations ``compose(p, q)`` is
-    ``p`` followed by ``q`` (see ``permgraph.permutation.compose``).
-    """
-    if not isinstance(ab, Alignment) or not isinstance(bc, Alignment):
-        if isinstance(ab, Alignment) or isinstance(bc, Alignment):
-            raise TypeError("compose() takes two Alignments or two permutations, not a mix")
-        return _compose(ab, bc)
-    if ab.spec.fingerprint() != bc.spec.fingerprint():
-        raise SpecMismatchError("cannot compose alignments of different specs")
-    return Alignment(_compose(bc.perm, ab.perm), ab.spec, "composed", {"of": [ab.method, bc.method]})
+def compose(p, q) -> Permutation:
+    """The permutation equal to applying ``p`` first, then ``q`` (``compose(p, q)[g] = p[g][q[g]]``).
+    Alignments chain with ``ab.after(bc)`` instead (C onto A for ``ab``: B onto A and ``bc``: C onto B)."""
+    if isinstance(p, Alignment) or isinstance(q, Alignment):
+        raise TypeError("compose(p, q) composes permutations (p first, then q); chain alignments with "
+                        "ab.after(bc), which maps C onto A for ab = align(a, b) and bc = align(b, c)")
+    return _compose(p, q)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

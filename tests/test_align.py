@@ -104,16 +104,20 @@ def test_weight_matching_never_increases_distance_and_is_deterministic(resnet_pa
     assert dist(al.apply(b.state_dict())) < dist(b.state_dict())
 
 
-def test_inverse_compose_and_save_load_round_trip(resnet_pair, tmp_path):
+def test_inverse_after_and_save_load_round_trip(resnet_pair, tmp_path):
     a, b, spec = resnet_pair
     torch.manual_seed(2)
     c = models.create("resnet20", width_multiplier=0.5).eval()
     ab = permgraph.align(a, b, spec=spec, progress=False)
     bc = permgraph.align(b, c, spec=spec, progress=False)
-    ac = permgraph.compose(ab, bc)
+    ac = ab.after(bc)
     direct = ab.apply(bc.apply(c.state_dict()))
     composed = ac.apply(c.state_dict())
     assert all(torch.equal(direct[k], composed[k]) for k in direct)
+    # compose is for permutations (p first, then q); for alignments it names after()
+    with pytest.raises(TypeError, match=r"chain alignments with ab\.after\(bc\)"):
+        permgraph.compose(ab, bc)
+    assert all(torch.equal(permgraph.compose(bc.perm, ab.perm)[g], ac.perm[g]) for g in spec.groups)
     back = ab.inverse().apply(ab.apply(b.state_dict()))
     assert all(torch.equal(back[k], v) for k, v in b.state_dict().items())
     path = tmp_path / "ab.safetensors"

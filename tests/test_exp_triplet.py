@@ -38,7 +38,7 @@ def test_agreement_and_fixed_points_helpers():
     p = permgraph.random_permutation(spec, 0)
     assert agreement(p, p)["overall"] == 1.0
     al = permgraph.Alignment(p, spec)
-    cycle = permgraph.compose(al, al.inverse())
+    cycle = al.after(al.inverse())
     assert fixed_points(cycle)["overall"] == 1.0
     assert set(agreement(p, permgraph.identity(spec))["groups"]) == set(spec.groups)
 
