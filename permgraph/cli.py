@@ -129,8 +129,13 @@ def _positive(text: str) -> int:
 
 
 def _experiments(args) -> int:
-    import experiments
-    from experiments.spec import SpecError
+    try:
+        import experiments
+        from experiments.spec import SpecError
+    except ImportError as e:  # the suite's own dependencies are an extra
+        print(f"error: the experiment suite needs packages that are not installed ({e}): "
+              "pip install 'permgraph[experiments]'", file=sys.stderr)
+        return 2
 
     try:
         if args.cmd == "run":
