@@ -664,12 +664,30 @@ def _user_location(e: BaseException) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _without_caches(model: nn.Module):
+    """Hugging Face models return a key/value cache object (``DynamicCache``) with their outputs when
+    ``config.use_cache`` is on; torch.export cannot return it, and it does not change the function of one
+    forward pass. Switched off inside the block (every submodule's config), put back afterwards."""
+    saved = []
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if getattr(config, "use_cache", None) is True:
+            saved.append(config)
+            config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in saved:
+            config.use_cache = True
+
+
 def export(model: nn.Module, example_inputs: tuple, guessed: bool = False) -> torch.export.ExportedProgram:
     """torch.export in eval mode, restoring the caller's train/eval flags afterwards. A failure raises one
     short ``TraceError`` (torch's own log output is in its ``details`` attribute, not printed)."""
     details: list[str] = []
     try:
-        with _quiet_torch() as details, kept_modes(model), torch.no_grad():
+        with _quiet_torch() as details, kept_modes(model), _without_caches(model), torch.no_grad():
             model.eval()
             return torch.export.export(model, example_inputs, strict=False)
     except Exception as e:  # torch.export raises many types; re-raise as one permgraph error

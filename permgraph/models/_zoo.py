@@ -496,6 +496,29 @@ def _create_torchvision(name: str, kw: dict[str, Any]) -> nn.Module:
     return _build(f"torchvision:{name}", lambda **k: tvm.get_model(name, weights=None, **k), kw)
 
 
+def _create_hf(name: str, kw: dict[str, Any]) -> nn.Module:
+    """A Hugging Face ``transformers`` model from a config built offline: ``name`` is a model type
+    (``gpt2``, ``bert``, ``llama``, ...: the base model, ``AutoModel``) or a model class
+    (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ...); ``kw`` are the config's fields."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise UnknownNameError(f"hf:{name} needs Hugging Face transformers: pip install 'permgraph[hf]'") from e
+    _reject_download_kw("hf", kw)
+    cls = getattr(transformers, name, None)
+    if isinstance(cls, type) and issubclass(cls, nn.Module) and getattr(cls, "config_class", None) is not None:
+        config = cls.config_class(**kw)
+        return _build(f"hf:{name}", lambda **_: cls(config), {})
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if name not in CONFIG_MAPPING:
+        raise UnknownNameError(
+            f"unknown Hugging Face model type or class {name!r}; {_close(name, list(CONFIG_MAPPING))}a model type "
+            "(gpt2, bert, llama, ...) builds the base model, a class (GPT2LMHeadModel, ...) that model")
+    config = transformers.AutoConfig.for_model(name, **kw)
+    return transformers.AutoModel.from_config(config)
+
+
 def create(name: str, **kw: Any) -> nn.Module:
     """Build a randomly initialised model by name.
 
@@ -504,6 +527,8 @@ def create(name: str, **kw: Any) -> nn.Module:
     by ``timm.models`` or ``torchvision.models`` (``"timm:MlpMixer"``, ``"torchvision:DenseNet"``) is
     built from the keyword arguments alone: the way to set a size that a named variant fixes (timm's
     ``mixer_s16_224`` fixes ``num_blocks``, torchvision's ``densenet121`` fixes ``growth_rate``).
+    ``"hf:<model type>"`` (``hf:gpt2``: the base model) or ``"hf:<class>"`` (``hf:GPT2LMHeadModel``)
+    builds a Hugging Face ``transformers`` model from a config of the keyword arguments, offline.
     Keyword arguments go to the model constructor. Nothing is ever downloaded.
     An unknown name raises :class:`permgraph.UnknownNameError` (a ``ValueError``)
     that suggests close matches; an unknown keyword argument raises ``TypeError``.
@@ -515,7 +540,7 @@ def create(name: str, **kw: Any) -> nn.Module:
     """
     if not isinstance(name, str):
         raise ValueError(f"model name must be a str, got {type(name).__name__}")
-    for prefix, builder in (("timm:", _create_timm), ("torchvision:", _create_torchvision)):
+    for prefix, builder in (("timm:", _create_timm), ("torchvision:", _create_torchvision), ("hf:", _create_hf)):
         if name.startswith(prefix):
             sub = name[len(prefix) :]
             if not sub:
@@ -546,6 +571,18 @@ def _cfg_input_size(model: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
+def _token_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """``(input_ids,)`` of shape (2, 16) for a Hugging Face model with a vocabulary, else None."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None or not hasattr(model, "get_input_embeddings"):
+        return None
+    length = min(16, int(getattr(config, "max_position_embeddings", 16) or 16))
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    return (torch.randint(0, int(vocab), (_EXAMPLE_BATCH, length), generator=gen).to(device),)
+
+
 def _example_shape(model: nn.Module) -> tuple[int, ...] | None:
     shape = getattr(model, "example_input_shape", None)
     if shape is not None:
@@ -570,7 +607,8 @@ def example_inputs_for(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
 
     The shape comes from ``model.example_input_shape`` (zoo models), else the
     timm ``pretrained_cfg``/``default_cfg`` ``input_size``, else the first
-    Linear ``(2, in)``, Conv1d ``(2, C, 64)`` or Conv2d ``(2, C, 224, 224)``.
+    Linear ``(2, in)``, Conv1d ``(2, C, 64)`` or Conv2d ``(2, C, 224, 224)``;
+    a Hugging Face model with a vocabulary gets token ids ``(2, 16)``.
     The tensor uses a ``torch.Generator`` seeded 0 and follows the dtype and
     device of the model's first parameter.
 
@@ -578,6 +616,9 @@ def example_inputs_for(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
         >>> example_inputs_for(nn.Sequential(nn.Linear(5, 3)))[0].shape
         torch.Size([2, 5])
     """
+    tokens = _token_inputs(model)
+    if tokens is not None:
+        return tokens
     shape = _example_shape(model)
     if shape is None:
         return None
