@@ -16,27 +16,33 @@ of the same attention layer). Both matchers use these two steps:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from ._solver import assign
 from .permutation import expand_blocks
 
 
-def _pairs(s: torch.Tensor, nb: int, block: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-    """Best within-block assignment value and assignment for every (A block, B block) pair."""
-    s4 = s.reshape(nb, block, nb, block)
-    ar = torch.arange(block, device=s.device)
-    values = torch.empty(nb, nb, dtype=torch.float64)
-    choice: list[list[torch.Tensor]] = []
+def _pairs(s: torch.Tensor, nb: int, block: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Best within-block assignment value and assignment (``(nb, nb, block)``) for every (A block, B block)
+    pair.
+
+    ``nb * nb`` assignments of ``block`` units each: the solver is called on NumPy views directly (the
+    checks of ``assign`` run once on the whole matrix), which matters for grouped convolutions, whose many
+    small groups make thousands of pairs (RegNet: 46 groups of 8 channels, 2,116 pairs per step)."""
+    s4 = s.detach().cpu().double().numpy().reshape(nb, block, nb, block)
+    if not np.isfinite(s4).all():
+        raise ValueError("similarity matrix holds NaN or inf values (are the weights or activations finite?)")
+    cost = -s4
+    cols = np.empty((nb, nb, block), dtype=np.int64)
     for h in range(nb):
-        row = []
         for k in range(nb):
-            sub = s4[h, :, k, :]
-            p = assign(sub)
-            values[h, k] = float(sub[ar, p.to(s.device)].sum())
-            row.append(p)
-        choice.append(row)
-    return values, choice
+            cols[h, k] = linear_sum_assignment(cost[h, :, k, :])[1]
+    # values[h, k] = sum_i s4[h, i, k, cols[h, k, i]]
+    values = s4[np.arange(nb)[:, None, None], np.arange(block)[None, None, :], np.arange(nb)[None, :, None],
+                cols].sum(-1)
+    return torch.from_numpy(values), cols
 
 
 def within(s: torch.Tensor, head: torch.Tensor, block: int, rows: torch.Tensor | None = None,
@@ -84,7 +90,8 @@ def heads(sims: dict[str, torch.Tensor], nb: int, blocks: dict[str, int],
     head = assign(total)
     out = {}
     for g, c in choices.items():
-        out[g] = torch.cat([int(head[h]) * blocks[g] + c[h][int(head[h])] for h in range(nb)])
+        out[g] = torch.from_numpy(np.concatenate([int(head[h]) * blocks[g] + c[h, int(head[h])]
+                                                  for h in range(nb)]))
     for g, order in (keep or {}).items():
         out[g] = torch.cat([int(head[h]) * blocks[g] + order[int(head[h])] for h in range(nb)])
     return head, out
