@@ -122,7 +122,8 @@ def repair_bound(model, loader) -> float:
 
 def time_barrier(a, b, loader, bn: str) -> tuple[float, permgraph.BarrierCurve]:
     t0 = time.perf_counter()
-    curve = permgraph.barrier(a, b, loader, alphas=ALPHAS, bn=bn, progress=False)
+    # the statistics (bn="reset" / "repair") come from the same training loader the bound passes use
+    curve = permgraph.barrier(a, b, loader, alphas=ALPHAS, bn=bn, reset_loader=loader, progress=False)
     return time.perf_counter() - t0, curve
 
 

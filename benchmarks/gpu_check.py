@@ -62,9 +62,12 @@ def main() -> int:
                           mask=permgraph.prune.magnitude(a, 0.5))
     m = out.model
     assert next(m.parameters()).device.type == dev.type
-    curve = permgraph.barrier(m, b, d.loader("test", 128), alphas=5, bn="reset", progress=False)
-    print("barrier (bn reset) on cuda:", json.dumps(curve.to_dict()["barrier"]))
-    self_curve = permgraph.barrier(m, m, d.loader("test", 128), alphas=3, progress=False)
+    reset_loader = d.loader("train", 128, shuffle=False)  # BatchNorm statistics from the training data
+    curve = permgraph.barrier(m, b, d.loader("test", 128), alphas=5, bn="reset", reset_loader=reset_loader,
+                              progress=False)
+    print("barrier (bn reset) on cuda:", json.dumps(curve.to_dict()["barrier"]), curve.reset_data)
+    self_curve = permgraph.barrier(m, m, d.loader("test", 128), alphas=3, reset_loader=reset_loader,
+                                   progress=False)
     assert self_curve.barrier("error") == 0.0
     import experiments
     from experiments.executors import execute

@@ -36,12 +36,14 @@ def _train_kw(t) -> dict[str, Any]:
 
 def imp_key(ctx: Context, seed: int) -> dict[str, Any]:
     """What identifies one IMP run in the store. ``levels`` is left out on purpose: a run with more levels
-    continues the stored one (levels are stored one folder each)."""
+    continues the stored one (levels are stored one folder each). ``retrain`` is in it, so that levels
+    retrained by one mode (or, before the option, always by "restart") are never reused for the other."""
     spec = ctx.spec
     return {"kind": "imp", "model": spec.model.model_dump(mode="json"), "data": spec.data.model_dump(mode="json"),
             "train": spec.train.model_dump(mode="json", exclude={"checkpoints"}),
             "imp": {"fraction": spec.imp.fraction, "rewind": spec.imp.rewind,
-                    "exclude_classifier": spec.imp.exclude_classifier}, "seed": seed}
+                    "exclude_classifier": spec.imp.exclude_classifier, "retrain": spec.imp.retrain},
+            "seed": seed}
 
 
 def _levels_to_train(ctx: Context, seed: int) -> list[int]:
@@ -73,7 +75,8 @@ def run_imp(ctx: Context, seed: int) -> permgraph.prune.IMPResult:
     with ctx.fork_rng(), training as cbs:
         res = permgraph.prune.imp(ctx.create, data, levels=spec.imp.levels, fraction=spec.imp.fraction,
                                   rewind=spec.imp.rewind, epochs=t.epochs, init_seed=seed, data_seed=seed,
-                                  exclude_classifier=spec.imp.exclude_classifier, store=str(d),
+                                  exclude_classifier=spec.imp.exclude_classifier, retrain=spec.imp.retrain,
+                                  store=str(d),
                                   progress=ctx.progress, device=ctx.device, callbacks=cbs, **_train_kw(t))
     ctx.tracker.found(d)
     return res
@@ -140,7 +143,8 @@ def barriers_unit(ctx: Context, sa: int, sb: int) -> dict[str, Any]:
 
 
 def arms_unit(ctx: Context, sa: int, sb: int, level: int) -> list[dict[str, Any]]:
-    """A's level mask moved onto B in every arm, B retrained from its rewind point; test metrics."""
+    """A's level mask moved onto B in every arm, B retrained from its rewind point (in the IMP levels'
+    ``retrain`` mode); test metrics."""
     spec = ctx.spec
 
     def compute():
@@ -151,7 +155,7 @@ def arms_unit(ctx: Context, sa: int, sb: int, level: int) -> list[dict[str, Any]
             return permgraph.prune.transfer_arms(
                 model, imp_a, imp_b, ctx.data, spec=perm_spec, levels=[level], arms=list(spec.imp.arms),
                 method=_align_method(ctx), loader=match_loader, epochs=spec.train.epochs, data_seed=sb, seed=0,
-                progress=ctx.progress, device=ctx.device, align_kw=_align_kw(ctx), callbacks=cbs,
+                retrain=spec.imp.retrain, progress=ctx.progress, device=ctx.device, align_kw=_align_kw(ctx), callbacks=cbs,
                 **_train_kw(spec.train))
 
     return ctx.unit(f"imp_arms_{sa}_{sb}_level{level}", compute)
@@ -241,6 +245,11 @@ def _summary(spec, pairs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"levels": levels, "barriers": barriers, "arms": arms}
 
 
+def _rest(rewind: int, epochs: int) -> str:
+    """The epochs a level retrains with ``retrain: continue``, in words."""
+    return f"epoch {epochs}" if rewind + 1 == epochs else f"epochs {rewind + 1}-{epochs}"
+
+
 def report(ctx: Context, results: dict[str, Any]) -> str:
     spec = ctx.spec
     s = results["summary"]
@@ -320,7 +329,11 @@ def report(ctx: Context, results: dict[str, Any]) -> str:
         f"# {spec.name}: simultaneous weak LC along IMP, and mask transfer",
         f"Model `{spec.model.name}` {spec.model.kwargs}, data `{spec.data.name}`, {len(results['pairs'])} seed "
         f"pairs, IMP {spec.imp.levels} levels pruning {spec.imp.fraction:g} of the remaining weights per level "
-        f"(global magnitude), rewind to epoch {spec.imp.rewind}, {spec.train.epochs} epochs per level. "
+        f"(global magnitude), rewind to epoch {spec.imp.rewind}, {spec.train.epochs} epochs of training; "
+        + (f"levels 1.. and the mask-transfer arms retrain {_rest(spec.imp.rewind, spec.train.epochs)} of that "
+           "schedule from the rewind point (`retrain: continue`). " if spec.imp.retrain == "continue" else
+           f"levels 1.. and the mask-transfer arms retrain a whole {spec.train.epochs}-epoch schedule from the "
+           "rewind point (`retrain: restart`). ") +
         f"Alignment method `{results['method']}`; {spec.barrier.alphas} alphas, BatchNorm handling "
         f"`{spec.barrier.bn}`. Mean ± std over pairs.",
         "## Barriers along IMP",

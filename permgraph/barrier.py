@@ -230,12 +230,17 @@ def _repair_pass(model, targets, loader, num_batches, device, on_the_fly: bool) 
 # ---------------------------------------------------------------------------------------------- barrier
 @dataclass
 class BarrierCurve:
-    """Metrics along the interpolation path from A (alpha=0) to B (alpha=1)."""
+    """Metrics along the interpolation path from A (alpha=0) to B (alpha=1).
+
+    ``bn`` is the BatchNorm mode used ("auto" resolved); ``reset_data`` says where recomputed statistics
+    (BatchNorm reset, REPAIR) came from, e.g. ``"reset_loader (1437 examples)"``, and is None when none
+    were recomputed."""
 
     alphas: list[float]
     values: dict[str, list[float]]
     bn: str = "none"
     info: dict[str, Any] = field(default_factory=dict)
+    reset_data: str | None = None
 
     def endpoints(self, metric: str = "error") -> tuple[float, float]:
         v = self.values[metric]
@@ -264,7 +269,7 @@ class BarrierCurve:
 
     def to_dict(self) -> dict[str, Any]:
         return {"alphas": list(self.alphas), "values": {k: list(v) for k, v in self.values.items()},
-                "bn": self.bn, "barrier": {m: self.barrier(m) for m in self.values},
+                "bn": self.bn, "reset_data": self.reset_data, "barrier": {m: self.barrier(m) for m in self.values},
                 "midpoint": {m: self.barrier(m, "midpoint") for m in self.values if 0.5 in self.alphas},
                 "max_mean": {m: self.barrier(m, "max_mean") for m in self.values}, "info": dict(self.info)}
 
@@ -307,6 +312,55 @@ def _alpha_grid(alphas) -> list[float]:
     return grid
 
 
+def resolve_bn(model: nn.Module, bn: str) -> str:
+    """The BatchNorm mode ``barrier`` uses for ``model``: "auto" is "reset" with BatchNorm layers, else
+    "none"; other modes as they are (``ValueError`` for an unknown one)."""
+    if bn not in ("auto", "reset", "repair", "none"):
+        raise ValueError(f"bn must be 'auto', 'reset', 'repair' or 'none', got {bn!r}")
+    if bn == "auto":
+        return "reset" if batchnorm_layers(model) else "none"
+    return bn
+
+
+def needs_reset_loader(model: nn.Module, bn: str) -> bool:
+    """Whether ``barrier(model, ..., bn=bn)`` computes statistics from data, and so needs a
+    ``reset_loader``: REPAIR always, a BatchNorm reset on a network with BatchNorm."""
+    mode = resolve_bn(model, bn)
+    return mode == "repair" or (mode == "reset" and bool(batchnorm_layers(model)))
+
+
+def check_reset_loader(model: nn.Module, bn: str, reset_loader) -> None:
+    """Raise ``ValueError`` when ``barrier(model, ..., bn=bn)`` would need statistics data and
+    ``reset_loader`` is None (they are never taken from the evaluation data)."""
+    if reset_loader is not None or not needs_reset_loader(model, bn):
+        return
+    mode = resolve_bn(model, bn)
+    if mode == "repair":
+        what = (f"bn={bn!r} measures per-channel statistics (REPAIR) and recomputes BatchNorm statistics at "
+                "each alpha")
+    else:
+        what = (f"bn={bn!r}" + (" (resolved to 'reset': the network has BatchNorm)" if bn == "auto" else "")
+                + " recomputes BatchNorm statistics at each alpha")
+    raise ValueError(f"{what} and needs the data to compute them from: pass reset_loader= (training data, "
+                     "e.g. data.loader('train', shuffle=False)); they are never computed on the evaluation "
+                     "data. Or pass bn='none' to evaluate the interpolated statistics as they are.")
+
+
+class _Counted:
+    """An iterable over ``loader`` that counts the examples of the batches consumed in its latest pass
+    (a batch fetched but not used, past ``num_batches``, is not counted)."""
+
+    def __init__(self, loader: Iterable):
+        self.loader, self.examples = loader, 0
+
+    def __iter__(self):
+        n = 0
+        for batch in self.loader:
+            yield batch
+            n += len(_inputs(batch))  # counted once the consumer asks for the next batch or stops
+            self.examples = n
+
+
 def barrier(a: nn.Module, b, loader: Iterable, *, alphas: int | Sequence[float] = 25,
             metrics: Sequence[str] = METRICS, bn: str = "auto", reset_loader: Iterable | None = None,
             reset_batches: int | None = None, mask: Mapping[str, torch.Tensor] | None = None, device=None,
@@ -318,13 +372,21 @@ def barrier(a: nn.Module, b, loader: Iterable, *, alphas: int | Sequence[float] 
         loader: evaluation data ((input, target) batches); loss = mean cross-entropy, error = 1 - accuracy.
         alphas: a count (the grid linspace(0, 1, n), endpoints included) or an explicit grid in [0, 1].
         bn: "auto" = "reset" when the model has BatchNorm, else "none"; "reset" recomputes BatchNorm
-            statistics at every alpha over ``reset_loader`` (default: ``loader``); "repair" applies REPAIR
-            (per-channel correction of every hidden Conv/Linear output to the interpolated endpoint
-            statistics, measured on ``reset_loader``); "none" evaluates the interpolated weights as they are.
+            statistics at every alpha over ``reset_loader``; "repair" applies REPAIR (per-channel
+            correction of every hidden Conv/Linear output to the interpolated endpoint statistics,
+            measured on ``reset_loader``); "none" evaluates the interpolated weights as they are.
+        reset_loader: the data statistics are computed from (training data, in a fixed order), required
+            whenever statistics are recomputed: with "repair", and with "reset" (or "auto") on a network
+            with BatchNorm. It never defaults to ``loader``, which would leak the evaluation data (the
+            test set) into the model. Not needed with "none" or without BatchNorm. The curve records it
+            in ``reset_data``.
+        reset_batches: use only the first ``reset_batches`` batches of ``reset_loader``.
         mask: weights outside the mask (key -> bool) are zero along the path.
+
+    Raises:
+        ValueError: bad settings, or statistics to recompute and no ``reset_loader``.
     """
-    if bn not in ("auto", "reset", "repair", "none"):
-        raise ValueError(f"bn must be 'auto', 'reset', 'repair' or 'none', got {bn!r}")
+    mode = resolve_bn(a, bn)
     bad = [m for m in metrics if m not in METRICS]
     if bad:
         raise ValueError(f"unknown metrics {bad}; available: {METRICS}")
@@ -335,10 +397,9 @@ def barrier(a: nn.Module, b, loader: Iterable, *, alphas: int | Sequence[float] 
         diff = sorted(set(sa) ^ set(sb)) or [k for k in sa if sa[k].shape != sb[k].shape]
         raise SpecMismatchError(f"A and B are different architectures (first difference: {diff[0]!r}); "
                                 "a barrier needs two networks with the same spec")
-    mode = bn
-    if mode == "auto":
-        mode = "reset" if batchnorm_layers(a) else "none"
-    reset_loader = loader if reset_loader is None else reset_loader
+    check_reset_loader(a, bn, reset_loader)
+    counted = _Counted(reset_loader) if needs_reset_loader(a, bn) else None
+    reset_loader = counted
     work = copy.deepcopy(a)  # one working copy for the whole path: weights are loaded into it per alpha
     dev = torch.device(device) if device is not None else next(a.parameters()).device
     work.to(dev).eval()
@@ -385,4 +446,5 @@ def barrier(a: nn.Module, b, loader: Iterable, *, alphas: int | Sequence[float] 
             bar.update(1)
     if bar is not None:
         bar.close()
-    return BarrierCurve(grid, values, mode)
+    reset_data = f"reset_loader ({counted.examples} examples)" if counted is not None else None
+    return BarrierCurve(grid, values, mode, reset_data=reset_data)

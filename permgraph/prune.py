@@ -7,7 +7,9 @@ Conventions:
 * ``magnitude(..., fraction)`` prunes ``fraction`` of the weights that are *still unpruned*, by
   magnitude, globally (default) or per tensor; ties are broken by position, so counts are exact.
 * IMP (Frankle et al.; open_lth): level 0 trains dense and keeps the weights at the rewind point; level L
-  prunes level L-1's trained weights, rewinds the survivors to the rewind point and retrains.
+  prunes level L-1's trained weights, rewinds the survivors to the rewind point and retrains. By default
+  (``retrain="continue"``) retraining runs the rest of level 0's schedule, from the rewind step to the
+  end (its learning rates and data order); ``retrain="restart"`` trains a whole schedule from step 0.
 * Mask transfer: ``alignment = align(a, b)`` maps B's units onto A's; a mask in A's unit order moves into
   B's unit order by the *inverse* permutation: ``transfer_mask(mask_a, alignment) ==
   alignment.inverse().apply(mask_a)``.
@@ -249,12 +251,53 @@ class IMPResult:
                 for lv in self.levels]
 
 
+RETRAIN_MODES = ("continue", "restart")
+_STORE_SETTINGS = "imp.json"  # in an IMP store: the settings its levels were retrained with
+
+
+def _rewind_step(rewind: int, rewind_unit: str, data, train_kw: Mapping[str, Any]) -> int:
+    """The optimizer step of the rewind point (``rewind`` epochs or steps into training)."""
+    if rewind_unit == "step":
+        return int(rewind)
+    per_epoch = -(-len(data.train) // int(train_kw.get("batch_size", 128)))
+    return int(rewind) * per_epoch
+
+
+def _check_retrain(retrain: str) -> None:
+    if retrain not in RETRAIN_MODES:
+        raise ValueError(f"retrain must be 'continue' (the rest of the schedule from the rewind point, the "
+                         f"default) or 'restart' (a whole schedule from step 0), got {retrain!r}")
+
+
+def _check_store(store: str, retrain: str, start_step: int) -> None:
+    """Refuse a store whose levels were retrained from another step; record the step in a new store."""
+    from .train import _atomic_text
+
+    path = os.path.join(store, _STORE_SETTINGS)
+    retrained = any(name.startswith("level_") and name != "level_0" for name in os.listdir(store))
+    if os.path.exists(path):
+        with open(path) as f:
+            found = json.load(f)
+    elif retrained:  # written before the option existed, when every level restarted the schedule
+        found = {"retrain": "restart", "start_step": 0}
+    else:
+        found = None
+    if found is not None and found.get("start_step") == start_step:
+        return
+    if retrained:
+        raise ValueError(f"the IMP store {store} holds levels retrained from step {found.get('start_step')} "
+                         f"(retrain={found.get('retrain')!r}), this run retrains from step {start_step} "
+                         f"(retrain={retrain!r}): use another store folder, or the store's settings")
+    # level 0 alone (if any) is the same in every mode: (re)record the mode the levels will use
+    _atomic_text(json.dumps({"retrain": retrain, "start_step": start_step}), path)
+
+
 @_keeps_global_rng
 def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fraction: float = 0.2,
         rewind: int = 0, rewind_unit: str = "epoch", epochs: int | None = None, steps: int | None = None,
         init_seed: int = 0, data_seed: int = 0, scope: str = "global", include: Iterable[str] | None = None,
         exclude: Iterable[str] = (), exclude_classifier: bool = False, store: str | None = None,
-        progress: bool = True, device=None, **train_kw) -> IMPResult:
+        retrain: str = "continue", progress: bool = True, device=None, **train_kw) -> IMPResult:
     """Iterative magnitude pruning with weight rewinding.
 
     Args:
@@ -266,10 +309,21 @@ def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fracti
             survivors are reset to these weights at every level (0 = the initialisation).
         epochs / steps, **train_kw: training settings of every level (see ``permgraph.train``).
         store: folder for checkpoints; levels already finished there are loaded, not retrained, and a
-            level interrupted mid-training resumes from its last checkpoint.
+            level interrupted mid-training resumes from its last checkpoint. The store records the step
+            retraining begins at (``imp.json``) and refuses a run that retrains from another step (the
+            other ``retrain`` mode, with ``rewind`` > 0); a store without that file but with retrained
+            levels was written when every level restarted, and counts as "restart".
+        retrain: how levels 1.. retrain from the rewind point. "continue" (default; open_lth, Frankle et
+            al. 2020): the rest of level 0's schedule, steps k..T-1 for the rewind step k, with level 0's
+            learning rates and data order at those steps, ending at level 0's final step T; the
+            optimizer starts fresh (no momentum), as in open_lth. Metrics count epochs from the rewind
+            point on (``epoch`` and ``step`` are positions in the schedule). "restart": a whole new
+            schedule of T steps from step 0 (warm-up again, milestones shifted by k; the behaviour before
+            this option). With ``rewind=0`` the two are the same.
 
     Returns:
-        an IMPResult; level L's mask keeps (1 - fraction)^L of the prunable weights.
+        an IMPResult; level L's mask keeps (1 - fraction)^L of the prunable weights. Its ``settings``
+        include ``retrain`` and ``start_step`` (the step retraining begins at: k, or 0 with "restart").
     """
     from .train import _atomic_text, load_state_dict, save_state_dict, train
 
@@ -277,6 +331,7 @@ def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fracti
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     if rewind_unit not in ("epoch", "step"):
         raise ValueError(f"rewind_unit must be 'epoch' or 'step', got {rewind_unit!r}")
+    _check_retrain(retrain)
     per_epoch = -(-len(data.train) // int(train_kw.get("batch_size", 128)))
     if rewind_unit == "epoch":
         length = epochs if epochs is not None else -(-steps // per_epoch)
@@ -285,6 +340,15 @@ def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fracti
     if not 0 <= rewind <= length:
         raise ValueError(f"the rewind point ({rewind_unit} {rewind}) lies after the end of training "
                          f"({length} {rewind_unit}s)")
+    total = steps if steps is not None else epochs * per_epoch
+    start_step = _rewind_step(rewind, rewind_unit, data, train_kw) if retrain == "continue" else 0
+    if start_step >= total and levels > 0:
+        raise ValueError(f"with retrain='continue' the levels retrain from the rewind point ({rewind_unit} "
+                         f"{rewind}) to the end of training ({length} {rewind_unit}s): nothing is left to "
+                         "retrain; rewind earlier or use retrain='restart'")
+    if store:
+        os.makedirs(store, exist_ok=True)
+        _check_store(store, retrain, start_step)
     if isinstance(model, nn.Module):
         import copy
 
@@ -305,7 +369,7 @@ def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fracti
                 return {"state": load_state_dict(os.path.join(d, "final.safetensors")), "metrics": json.load(f)}
         out = train(model, data, epochs=epochs, steps=steps, data_seed=data_seed, mask=mask, init_state=start,
                     checkpoints=[rewind] if level == 0 else [], checkpoint_unit=rewind_unit, checkpoint_dir=d,
-                    progress=progress, device=device, **train_kw)
+                    progress=progress, device=device, start_step=start_step if level else 0, **train_kw)
         state = {k: v.detach().cpu().clone() for k, v in out.model.state_dict().items()}
         metrics = out.final
         if d:
@@ -331,7 +395,8 @@ def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fracti
         levels_out.append(IMPLevel(level, mask.density(), mask, out["state"], out["metrics"]))
         prev = out["state"]
     return IMPResult(levels_out, rewind_state, {"fraction": fraction, "rewind": rewind, "rewind_unit": rewind_unit,
-                                                "scope": scope, "init_seed": init_seed, "data_seed": data_seed})
+                                                "retrain": retrain, "start_step": start_step, "scope": scope,
+                                                "init_seed": init_seed, "data_seed": data_seed})
 
 
 # ---------------------------------------------------------------------------------------------- mask-transfer arms
@@ -341,8 +406,8 @@ ARMS = ("own", "dense_perm", "level_perm", "unpermuted", "random", "oneshot")
 def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, *, spec=None,
                   levels: Iterable[int] | None = None, arms: Iterable[str] = ARMS, method: str = "weight",
                   loader=None, epochs: int | None = None, steps: int | None = None, data_seed: int = 0,
-                  seed: int = 0, progress: bool = True, device=None, align_kw: dict | None = None,
-                  **train_kw) -> list[dict[str, Any]]:
+                  seed: int = 0, retrain: str | None = None, progress: bool = True, device=None,
+                  align_kw: dict | None = None, **train_kw) -> list[dict[str, Any]]:
     """Retrain B from its own rewind point with masks from A, for each IMP level, in several arms:
 
     * ``own``: B's own IMP ticket (taken from ``imp_b``, not retrained);
@@ -353,8 +418,10 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
     * ``oneshot``: one-shot magnitude pruning of B's dense trained weights to the same density.
 
     ``model_b`` supplies the architecture (its weights are not used); ``align_kw`` is passed on to
-    ``align`` (e.g. ``{"similarity": "inner"}``). Returns rows
-    {level, density, arm, test_loss, test_error, test_accuracy}.
+    ``align`` (e.g. ``{"similarity": "inner"}``). The arms retrain as B's IMP levels did: ``retrain``
+    (None = ``imp_b.settings["retrain"]``; another mode than the IMP runs' is an error) "continue" runs
+    the rest of the schedule from B's rewind step (``imp_b.settings`` ``rewind`` and ``rewind_unit``),
+    "restart" a whole schedule. Returns rows {level, density, arm, test_loss, test_error, test_accuracy}.
     """
     import copy
 
@@ -367,6 +434,22 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
     if bad:
         raise ValueError(f"unknown arms {bad}; available: {ARMS}")
     levels = list(levels) if levels is not None else [lv.level for lv in imp_a.levels if lv.level > 0]
+    modes = {r.settings["retrain"] for r in (imp_a, imp_b) if "retrain" in r.settings}
+    if retrain is None:
+        if not modes:
+            raise ValueError("the IMP results do not say how their levels retrained (settings['retrain']): "
+                             "pass retrain='continue' or 'restart'")
+        retrain = imp_b.settings.get("retrain", imp_a.settings.get("retrain"))
+    _check_retrain(retrain)
+    if modes - {retrain}:
+        raise ValueError(f"retrain={retrain!r}, but the IMP levels were retrained with retrain="
+                         f"{sorted(modes - {retrain})[0]!r}: the arms must retrain as the levels did")
+    start_step = 0
+    if retrain == "continue":
+        if "rewind" not in imp_b.settings:
+            raise ValueError("retrain='continue' needs B's rewind point: imp_b.settings has no 'rewind'")
+        start_step = _rewind_step(imp_b.settings["rewind"], imp_b.settings.get("rewind_unit", "epoch"), data,
+                                  train_kw)
 
     def as_model(state):
         m = copy.deepcopy(model_b)
@@ -408,7 +491,8 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
                                                                                       keys=list(lb.mask)))
             start = mask.apply({k: v.clone() for k, v in imp_b.rewind_state.items()})
             out = train(copy.deepcopy(model_b), data, epochs=epochs, steps=steps, data_seed=data_seed,
-                        mask=mask, init_state=start, progress=progress, device=device, **train_kw)
+                        mask=mask, init_state=start, progress=progress, device=device, start_step=start_step,
+                        **train_kw)
             ev = evaluate(out.model, test_loader, device)
             rows.append({"level": level, "density": mask.density(), "arm": arm, "test_loss": ev["loss"],
                          "test_error": ev["error"], "test_accuracy": ev["accuracy"]})
@@ -421,14 +505,17 @@ def imp_barriers(model: nn.Module, imp_a: IMPResult, imp_b: IMPResult, loader, *
                  align_kw: dict | None = None) -> list[dict[str, Any]]:
     """Simultaneous alignment along IMP: at every level, the error/loss barrier between A_L and B_L
     unaligned, aligned by the dense permutation, and aligned by the permutation found at that level; and
-    the same at the rewind point with A's and B's level masks. BatchNorm statistics are recomputed on
-    ``reset_loader`` (default: ``loader``); ``align_kw`` goes to ``align``. Returns rows {level, density,
-    point, alignment, barrier_error, barrier_loss}."""
+    the same at the rewind point with A's and B's level masks. BatchNorm statistics (``bn`` "reset" or
+    "repair", or "auto" on a network with BatchNorm) are recomputed on ``reset_loader``, which is then
+    required: pass training data, never the evaluation ``loader`` (see ``permgraph.barrier``).
+    ``align_kw`` goes to ``align``. Returns rows {level, density, point, alignment, barrier_error,
+    barrier_loss}."""
     import copy
 
     from .align import align
-    from .barrier import barrier
+    from .barrier import barrier, check_reset_loader
 
+    check_reset_loader(model, bn, reset_loader)  # before any alignment is computed
     dev = next(model.parameters()).device
 
     def as_model(state):

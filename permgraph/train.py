@@ -3,6 +3,7 @@
 ``train(model, data, ...)`` trains with SGD (or Adam), a learning-rate schedule (linear warm-up, then
 step / cosine / constant), a data order fixed by ``data_seed`` (independent of the initialisation seed),
 checkpoints at a schedule, callbacks, and optional pruning masks that keep pruned weights exactly zero.
+``start_step`` runs only the rest of a schedule (IMP retraining from a rewind point, as in open_lth).
 Every ``checkpoint_dir`` write is atomic, and a run interrupted at any point resumes from its last
 checkpoint to the same result as an uninterrupted run. The resumable state is one safetensors file
 (``last.safetensors``, see ``_save_train_state``): nothing permgraph reads is unpickled.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import os
 import tempfile
 import warnings
@@ -51,7 +53,8 @@ class TrainResult:
             ``checkpoint_dir``).
         checkpoint_states: unit index -> state dict (CPU tensors) of each checkpoint, kept in memory when
             no ``checkpoint_dir`` was given (empty with one).
-        steps: the optimizer steps taken in all, those before a resume included.
+        steps: the step the run ended at: the optimizer steps taken in all, those before a resume
+            included, plus ``start_step``.
     """
 
     model: nn.Module
@@ -97,7 +100,7 @@ def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def _save_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, dev: torch.device, step: int,
-                      history: list[dict[str, Any]], saved: Mapping[int, str]) -> None:
+                      history: list[dict[str, Any]], saved: Mapping[int, str], start_step: int = 0) -> None:
     """Write the resumable state of a run to ``path``: one safetensors file, replaced atomically.
 
     Tensors, bit-exact in their own dtypes:
@@ -108,9 +111,11 @@ def _save_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, d
     * ``rng/cpu`` and, on CUDA, ``rng/cuda``: the global generators, so that what a resumed run draws
       (dropout) is what the uninterrupted run drew.
 
-    Metadata ``permgraph.train_state``: a JSON document ``{"format_version": 1, "step", "history",
-    "checkpoints": {unit index: file name in the same folder}, "optimizer": {"class", "param_groups",
-    "state": {i: {"tensors": [names], "values": {name: non-tensor value}}}}}``. Nothing is pickled.
+    Metadata ``permgraph.train_state``: a JSON document ``{"format_version": 1, "step", "start_step",
+    "history", "checkpoints": {unit index: file name in the same folder}, "optimizer": {"class",
+    "param_groups", "state": {i: {"tensors": [names], "values": {name: non-tensor value}}}}}``.
+    ``start_step`` is the step the run began at (``train(..., start_step=)``; files written before it
+    existed lack it and mean 0). Nothing is pickled.
     """
     from safetensors.torch import save_file
 
@@ -124,21 +129,22 @@ def _save_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, d
     tensors["rng/cpu"] = torch.get_rng_state()
     if dev.type == "cuda":
         tensors["rng/cuda"] = torch.cuda.get_rng_state(dev)
-    doc = {"format_version": _STATE_VERSION, "step": step, "history": history,
+    doc = {"format_version": _STATE_VERSION, "step": step, "start_step": start_step, "history": history,
            "checkpoints": {str(n): name for n, name in saved.items()},
            "optimizer": {"class": type(opt).__name__, "param_groups": osd["param_groups"], "state": opt_state}}
     metadata = {_STATE_KEY: json.dumps(doc)}  # Python floats survive JSON exactly (repr round-trips)
     _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _load_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer,
-                      dev: torch.device) -> tuple[int, list[dict[str, Any]], dict[int, str]]:
+def _load_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer, dev: torch.device,
+                      start_step: int = 0) -> tuple[int, list[dict[str, Any]], dict[int, str]]:
     """Restore the model, the optimizer and the global generators from a ``_save_train_state`` file and
     return (step, history, unit index -> checkpoint file name). Run it inside ``torch.random.fork_rng``
     (``train`` does), since it sets the generators.
 
     Raises ``FileFormatError``, naming ``path``, if the file is truncated, is not a permgraph training
-    state or belongs to another model or optimizer; then nothing has been changed. The file is only ever
+    state, belongs to another model or optimizer, or to a run that began at another step than
+    ``start_step``; then nothing has been changed. The file is only ever
     parsed as safetensors and JSON, so a malicious one cannot run code.
     """
     from safetensors import SafetensorError, safe_open
@@ -163,11 +169,12 @@ def _load_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer,
     if version != _STATE_VERSION:
         raise bad(f"has format version {version!r}; this permgraph reads version {_STATE_VERSION}")
     try:
-        step, history = doc["step"], doc["history"]
+        step, history, began = doc["step"], doc["history"], doc.get("start_step", 0)
         saved = {int(n): name for n, name in doc["checkpoints"].items()}
         cls, groups = doc["optimizer"]["class"], doc["optimizer"]["param_groups"]
         opt_state = {int(i): (e["tensors"], e["values"]) for i, e in doc["optimizer"]["state"].items()}
-        if not (isinstance(step, int) and step >= 0 and isinstance(history, list)
+        if not (isinstance(step, int) and step >= 0 and isinstance(began, int) and began >= 0
+                and isinstance(history, list)
                 and all(isinstance(r, dict) for r in history) and isinstance(groups, list)
                 and all(isinstance(g, dict) for g in groups)
                 and all(isinstance(v, dict) and all(isinstance(n, str) for n in t) for t, v in opt_state.values())
@@ -178,6 +185,11 @@ def _load_train_state(path: str, model: nn.Module, opt: torch.optim.Optimizer,
         raise bad(f"has a malformed {_STATE_KEY!r} entry ({type(e).__name__}: {e})") from None
 
     # check everything against this run before changing anything
+    if began != start_step:
+        raise bad(f"was written by a run that began at step {began}, this run begins at step {start_step} "
+                  "(start_step=)")
+    if step < start_step:
+        raise bad(f"is at step {step}, before this run's start_step {start_step}")
     if cls != type(opt).__name__:
         raise bad(f"was written with the {cls} optimizer, this run uses {type(opt).__name__}")
     own = model.state_dict()
@@ -345,7 +357,7 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
           checkpoints: Iterable[int] = (), checkpoint_unit: str = "epoch", checkpoint_dir: str | None = None,
           mask: Mapping[str, torch.Tensor] | None = None, init_state: Mapping[str, torch.Tensor] | None = None,
           callbacks: Iterable[Callback] = (), eval_every: int = 1, eval_subset: int | None = None,
-          progress: bool = True, device=None, resume: bool = True) -> TrainResult:
+          progress: bool = True, device=None, resume: bool = True, start_step: int = 0) -> TrainResult:
     """Train ``model`` (or build it from a factory with ``init_seed``) on ``data``.
 
     The global torch generators (CPU, and CUDA's once in use) are forked for the run: seeding, building
@@ -365,6 +377,14 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
         mask: state-dict key -> bool tensor; masked weights are zero at the start and stay exactly zero
             through every step (gradients and momentum are masked too).
         init_state: load these weights before training (e.g. an IMP rewind point).
+        start_step: run only optimizer steps ``start_step .. total - 1`` of the schedule (0 = all of it):
+            the learning rate and the data order are those of a full run at the same steps, so training
+            from step k's weights with ``start_step=k`` continues a run as open_lth's retraining after
+            rewinding does. The optimizer starts fresh (no momentum or Adam moments), as in open_lth.
+            Epochs keep their place in the schedule: ``history`` counts from epoch
+            ``start_step // steps_per_epoch + 1`` (a first partial epoch when ``start_step`` falls inside
+            one), and checkpoints before ``start_step`` are an error (the checkpoint at ``start_step`` is
+            the starting weights).
         callbacks: functions called with a dict (event, epoch, step, model, metrics) after every epoch.
         resume: continue from ``checkpoint_dir/last.safetensors`` when it exists: the weights, the
             optimizer's state, the generators, the step and the history, so that the result is
@@ -375,12 +395,14 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
     Returns:
         a ``TrainResult``: ``.model`` (trained, in eval mode), ``.history`` (one metrics dict per epoch),
         ``.final`` (the last of them), ``.checkpoints`` (unit index -> path, with a ``checkpoint_dir``),
-        ``.checkpoint_states`` (unit index -> weights, without one) and ``.steps``.
+        ``.checkpoint_states`` (unit index -> weights, without one) and ``.steps`` (the step reached:
+        ``start_step`` plus the steps taken).
 
     Raises:
         ValueError: invalid settings, or a mask that does not fit the model.
         FileFormatError: ``last.safetensors`` is truncated, not a permgraph training state, or the state
-            of another model or optimizer (the message names the file; delete it to restart).
+            of another model, optimizer or ``start_step`` (the message names the file; delete it to
+            restart).
     """
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs= or steps=")
@@ -411,11 +433,21 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
     warm = warmup * unit_steps
     miles = [m * unit_steps for m in milestones]
     n_epochs = math.ceil(total / per_epoch)
+    try:
+        if isinstance(start_step, bool):
+            raise TypeError
+        start_step = operator.index(start_step)  # ints, NumPy ints; not floats
+    except TypeError:
+        raise ValueError(f"start_step must be an int in 0..{total} (the run's steps), got {start_step!r}") from None
+    if not 0 <= start_step <= total:
+        raise ValueError(f"start_step must be an int in 0..{total} (the run's steps), got {start_step!r}")
     ckpts = sorted({int(c) for c in checkpoints})
     limit = (n_epochs if checkpoint_unit == "epoch" else total)
-    bad = [c for c in ckpts if c < 0 or c > limit]
+    first = start_step if checkpoint_unit == "step" else -(-start_step // per_epoch)  # first reachable unit
+    bad = [c for c in ckpts if c < first or c > limit]
     if bad:
-        raise ValueError(f"checkpoints {bad} are outside the run (0..{limit} {checkpoint_unit}s)")
+        raise ValueError(f"checkpoints {bad} are outside the run ({first}..{limit} {checkpoint_unit}s"
+                         + (f": it starts at step {start_step}" if start_step else "") + ")")
 
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -426,7 +458,7 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
     else:
         raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
 
-    step, history, saved = 0, [], {}
+    step, history, saved = start_step, [], {}
     last = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir else None
     if resume and checkpoint_dir:
         pickled = os.path.join(checkpoint_dir, _PICKLED_STATE_FILE)
@@ -436,7 +468,7 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
                           f"(unpickling can run code), and training {then}. Delete it to silence this warning.",
                           stacklevel=3)  # 3: the caller of train, past the _keeps_global_rng wrapper
         if os.path.exists(last):
-            step, history, saved = _load_train_state(last, model, opt, dev)
+            step, history, saved = _load_train_state(last, model, opt, dev, start_step)
 
     def ckpt_path(n: int) -> str:
         return os.path.join(checkpoint_dir, f"ckpt_{checkpoint_unit}{n}.safetensors")
@@ -454,11 +486,14 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
 
     def save_last() -> None:
         if last:
-            _save_train_state(last, model, opt, dev, step, history, saved)
+            _save_train_state(last, model, opt, dev, step, history, saved, start_step)
 
     log_path = os.path.join(checkpoint_dir, "metrics.jsonl") if checkpoint_dir else None
     eval_loader = data.loader("test", 512, shuffle=False, subset=eval_subset)
-    maybe_checkpoint(0)
+    if checkpoint_unit == "step":  # the starting weights, when the start is a checkpoint unit
+        maybe_checkpoint(start_step)
+    elif start_step % per_epoch == 0:
+        maybe_checkpoint(start_step // per_epoch)
     bar = None
     if progress:
         try:

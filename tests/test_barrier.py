@@ -48,8 +48,9 @@ def test_interpolate_lerps_floats_and_keeps_integer_buffers_from_a():
 def test_barrier_of_a_model_with_itself_is_exactly_zero(digits, trained_cnn):
     a = trained_cnn
     loader = digits.loader("test", 128)
+    reset = digits.loader("train", 128, subset=360)  # as much data as the test set: the cost stays the same
     for bn in ("auto", "none", "repair"):
-        curve = permgraph.barrier(a, a, loader, alphas=3, bn=bn, progress=False)
+        curve = permgraph.barrier(a, a, loader, alphas=3, bn=bn, reset_loader=reset, progress=False)
         assert curve.barrier("error") == 0.0 and curve.barrier("loss") == 0.0, bn
     assert curve.to_dict()["barrier"] == {"loss": 0.0, "error": 0.0}
 
@@ -59,9 +60,10 @@ def test_barrier_with_an_aligned_permuted_copy_is_exactly_zero(digits, trained_c
     spec = permgraph.trace(a)
     b = permgraph.apply(a, spec, permgraph.random_permutation(spec, 1))
     loader = digits.loader("test", 128)
-    unaligned = permgraph.barrier(a, b, loader, alphas=5, progress=False)
+    reset = digits.loader("train", 128, subset=360)
+    unaligned = permgraph.barrier(a, b, loader, alphas=5, reset_loader=reset, progress=False)
     al = permgraph.align(a, b, spec=spec, progress=False)
-    aligned = permgraph.barrier(a, al.apply(b), loader, alphas=5, progress=False)
+    aligned = permgraph.barrier(a, al.apply(b), loader, alphas=5, reset_loader=reset, progress=False)
     assert aligned.barrier("error") == 0.0 and aligned.barrier("loss") == 0.0
     assert unaligned.barrier("loss") > 0.1
 
@@ -97,6 +99,37 @@ def test_bad_alpha_grids_and_different_architectures_are_clear_errors(digits):
         permgraph.barrier(a, other, loader, progress=False)
     with pytest.raises(ValueError, match="bn must be"):
         permgraph.barrier(a, a, loader, bn="magic", progress=False)
+
+
+def test_recomputed_statistics_need_an_explicit_reset_loader_and_the_curve_records_it(digits):
+    torch.manual_seed(0)
+    bn_net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+    mlp = models.create("mlp", in_features=64, width=16, depth=1)  # no BatchNorm
+    test = digits.loader("test", 120)
+    for model, bn in ((bn_net, "auto"), (bn_net, "reset"), (bn_net, "repair"), (mlp, "repair")):
+        # never the evaluation data (here the test set) by default: that would leak it into the model
+        with pytest.raises(ValueError, match=r"needs the data to compute them from: pass reset_loader="):
+            permgraph.barrier(model, model, test, alphas=2, bn=bn, progress=False)
+    with pytest.raises(ValueError, match=r"bn='auto' \(resolved to 'reset': the network has BatchNorm\)"):
+        permgraph.barrier(bn_net, bn_net, test, alphas=2, progress=False)
+    # nothing to recompute: no reset_loader needed, and the curve says no statistics were computed
+    for model, bn in ((bn_net, "none"), (mlp, "auto"), (mlp, "reset"), (mlp, "none")):
+        curve = permgraph.barrier(model, model, test, alphas=2, bn=bn, progress=False)
+        assert curve.reset_data is None and curve.to_dict()["reset_data"] is None
+    train = digits.loader("train", 100, shuffle=False)  # 1,437 examples
+    for model, bn in ((bn_net, "auto"), (bn_net, "repair"), (mlp, "repair")):
+        curve = permgraph.barrier(model, model, test, alphas=2, bn=bn, reset_loader=train, progress=False)
+        assert curve.to_dict()["reset_data"] == "reset_loader (1437 examples)", (bn, curve.reset_data)
+        part = permgraph.barrier(model, model, test, alphas=2, bn=bn, reset_loader=train, reset_batches=3,
+                                 progress=False)
+        assert part.reset_data == "reset_loader (300 examples)"
+    # the statistics come from reset_loader: a different source gives different values
+    other = permgraph.barrier(bn_net, bn_net, test, alphas=2, reset_loader=test, progress=False)
+    curve = permgraph.barrier(bn_net, bn_net, test, alphas=2, reset_loader=train, progress=False)
+    assert other.values["loss"] != curve.values["loss"] and other.reset_data == "reset_loader (360 examples)"
+    # IMP barriers check before any alignment is computed
+    with pytest.raises(ValueError, match="pass reset_loader="):
+        permgraph.prune.imp_barriers(bn_net, None, None, test)
 
 
 def test_reset_bn_matches_a_manual_pass_and_restores_momentum(digits):

@@ -88,3 +88,23 @@ def test_imp_second_run_reuses_everything(first_run, monkeypatch):
         assert name not in seen and set(deps) <= seen
         seen.add(name)
         fn(ctx)
+
+
+def test_imp_key_holds_the_retrain_mode_and_the_levels_use_it(first_run):
+    from experiments import imp
+    from experiments.common import Context
+    from experiments.store import Store
+
+    out, _ = first_run
+    ctx = Context(experiments.parse(SPEC), Store(out), progress=False)
+    restart = {**SPEC, "imp": {**SPEC["imp"], "retrain": "restart"}}
+    ctx_restart = Context(experiments.parse(restart), Store(out), progress=False)
+    key = imp.imp_key(ctx, 0)
+    assert key["imp"]["retrain"] == "continue" and imp.imp_key(ctx_restart, 0)["imp"]["retrain"] == "restart"
+    # networks retrained in one mode are never reused for the other
+    assert ctx.store.network_dir(key) != ctx_restart.store.network_dir(imp.imp_key(ctx_restart, 0))
+    # the default retrains from the rewind point (epoch 1 of 1,437 digits in batches of 64 = step 23)
+    stored = json.loads((ctx.store.network_dir(key) / "imp.json").read_text())
+    assert stored == {"retrain": "continue", "start_step": 23}
+    level1 = json.loads((ctx.store.network_dir(key) / "level_1" / "metrics.json").read_text())
+    assert (level1["epoch"], level1["step"]) == (2, 46)
