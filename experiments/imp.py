@@ -39,8 +39,11 @@ def imp_key(ctx: Context, seed: int) -> dict[str, Any]:
     continues the stored one (levels are stored one folder each). ``retrain`` is in it, so that levels
     retrained by one mode (or, before the option, always by "restart") are never reused for the other."""
     spec = ctx.spec
-    return {"kind": "imp", "model": spec.model.model_dump(mode="json"), "data": spec.data.model_dump(mode="json"),
-            "train": spec.train.model_dump(mode="json", exclude={"checkpoints"}),
+    # fields at their defaults are left out (as in the run hash), so a new field with a no-op default keeps
+    # every stored chain valid
+    return {"kind": "imp", "model": spec.model.model_dump(mode="json", exclude_defaults=True),
+            "data": spec.data.model_dump(mode="json", exclude_defaults=True),
+            "train": spec.train.model_dump(mode="json", exclude={"checkpoints"}, exclude_defaults=True),
             "imp": {"fraction": spec.imp.fraction, "rewind": spec.imp.rewind,
                     "exclude_classifier": spec.imp.exclude_classifier, "retrain": spec.imp.retrain},
             "seed": seed}

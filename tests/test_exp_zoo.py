@@ -148,3 +148,19 @@ def test_model_classes_by_name_take_every_size():
     assert dense(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(TypeError, match="the variant fixes that argument: name its model class instead"):
         permgraph.models.create("timm:mixer_s16_224", num_blocks=2)
+
+
+def test_store_keys_leave_out_fields_at_their_defaults(tmp_path):
+    """Spelling out a default (or adding a field whose default changes nothing) keeps the stored networks
+    and IMP chains: their keys, like the run hash, omit fields at their defaults."""
+    from experiments import imp
+
+    base = {"kind": "imp", "name": "k", "model": {"name": "mlp"}, "data": {"name": "digits"}, "seeds": [[0, 1]]}
+    spelled = {**base, "model": {"name": "mlp", "kwargs": {}},
+               "data": {"name": "digits", "normalize": True, "resize": None, "channels": None},
+               "train": {"epochs": 10, "gamma": 0.1, "milestones": []}}
+    ctxs = [Context(experiments.parse(d), Store(tmp_path), progress=False) for d in (base, spelled)]
+    assert ctxs[0]._network_key(0, [], {})[2] == ctxs[1]._network_key(0, [], {})[2]
+    assert imp.imp_key(ctxs[0], 0) == imp.imp_key(ctxs[1], 0)
+    changed = Context(experiments.parse({**base, "train": {"epochs": 3}}), Store(tmp_path), progress=False)
+    assert changed._network_key(0, [], {})[2] != ctxs[0]._network_key(0, [], {})[2]
