@@ -325,7 +325,8 @@ class Context:
                 return permgraph.align(a, b, "weight", spec=spec, max_iter=m.max_iter, progress=False,
                                        exclude=m.exclude, **fold)
             return permgraph.align(a, b, "activation", loader=self.match_loader(), spec=spec,
-                                   num_samples=m.num_samples, similarity=m.similarity, max_iter=m.max_iter,
+                                   num_samples=m.num_samples, similarity=m.similarity, residual=m.residual,
+                                   max_iter=m.max_iter,
                                    progress=False)
 
     def barriers(self, a, b, splits: list[str] | None = None, note: str = "") -> dict[str, dict[str, Any]]:

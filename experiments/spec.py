@@ -62,6 +62,9 @@ class MatchSpec(_Strict):
                     "BatchNorm folded into the layer that feeds it (align(..., fold_bn=True))")
     similarity: Literal["pearson", "inner", "cosine"] = Field(default="pearson",
                                                               description="activation-matching similarity")
+    residual: Literal["activation", "weight"] = Field(
+        default="activation", description="activation matching: groups read only at residual sums (a "
+                                          "transformer's residual stream) matched by weights ('weight')")
     num_samples: int = Field(default=4000, ge=1, description="training inputs used by activation matching")
     max_iter: int = Field(default=100, ge=1, description="weight-matching sweeps at most")
     exclude: list[str] = Field(default_factory=list, description="state-dict keys left out of weight matching")

@@ -106,6 +106,8 @@ class _Template:
             elif cat == cur[0]:
                 cur[1].append((node.name, where))
         self.taps = {g: v[1] for g, v in best.items()}
+        # the category of each group's taps (0 nonlinearity, 1 residual sum, 2 norm, 3 layer, 9 other)
+        self.category = {g: v[0] for g, v in best.items()}
         # tapped node -> (group, dim, k) of every group it feeds, k numbering the group's taps in graph
         # order: each tap keeps its own statistics (``_TapMoments``), keyed by (group, k) rather than by
         # node name, so that the graphs exported for other batch shapes feed the same statistics
@@ -565,9 +567,11 @@ def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module,
 
 def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loader: Iterable, *,
                         num_samples: int | None = None, device=None, progress: bool = False, seed: int = 0,
-                        max_iter: int = 100, similarity: str = "pearson"):
+                        max_iter: int = 100, similarity: str = "pearson", residual: str = "activation"):
     if similarity not in ("pearson", "inner", "cosine"):
         raise ValueError(f"similarity must be 'pearson', 'inner' or 'cosine', got {similarity!r}")
+    if residual not in ("activation", "weight"):
+        raise ValueError(f"residual must be 'activation' or 'weight', got {residual!r}")
     dev_a = next((p.device for p in a.parameters()), torch.device("cpu"))
     dev_b = next((p.device for p in b.parameters()), torch.device("cpu"))
     if dev_a != dev_b:
@@ -637,6 +641,16 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
     pool.clear()
     if seen == 0:
         raise ValueError("the loader yielded no inputs")
+    if residual == "weight":
+        # groups read only at residual sums (a transformer's residual stream, which no nonlinearity
+        # follows): their activations correlate across independently trained models without telling
+        # which unit is which, so they go to the weight matching below, with every other group held at
+        # its activation-matched permutation (docs/alignment.md, "Residual streams")
+        category: dict[str, int] = {}
+        for pair in pairs.values():
+            category.update(pair.tpl.category)
+        for g in [g for g in moments if category.get(g) == 1]:
+            del moments[g]
     perm = {g: torch.arange(grp.size) for g, grp in spec.groups.items()}
     diag = {}
     degenerate: dict[str, torch.Tensor] = {}

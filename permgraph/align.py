@@ -808,7 +808,9 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
             also from an order-free start; see docs/alignment.md, "Where coordinate descent starts"),
             ``fold_bn`` (default False: match on copies with each BatchNorm folded
             into the conv / linear layer that feeds it; the result applies to the real weights; see
-            docs/alignment.md). Activation matching: ``similarity`` ("pearson" | "inner" | "cosine").
+            docs/alignment.md). Activation matching: ``similarity`` ("pearson" | "inner" | "cosine"),
+            ``residual`` ("activation", default | "weight": groups read only at residual sums, such as a
+            transformer's residual stream, are matched by weights with the activation-matched groups fixed).
 
     Returns:
         an Alignment mapping B's units onto A's: ``alignment.apply(b)`` is B reordered (same function).
@@ -852,7 +854,7 @@ def align(a, b, method: str = "weight", loader=None, *, spec: PermutationSpec | 
         raise TypeError("activation matching needs the models themselves, not state dicts")
     from ._activations import activation_matching
 
-    unknown = set(options) - {"similarity"}
+    unknown = set(options) - {"similarity", "residual"}
     if unknown:
         raise TypeError(f"unknown activation-matching options {sorted(unknown)}")
     perm, diag, log = activation_matching(spec, a, b, loader, num_samples=num_samples, device=device,

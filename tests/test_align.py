@@ -291,6 +291,21 @@ def test_attention_heads_are_matched_with_their_own_dims_by_both_methods():
     assert "activation (heads" in al.groups[h]["matched_by"]
 
 
+def test_residual_stream_by_weights_inside_activation_matching():
+    # residual="weight": the groups read only at residual sums (the ViT's residual stream) are matched by
+    # weights with the activation-matched groups held fixed; a permuted copy is still recovered exactly
+    a, b, spec, perm, _ = _planted("vit", noise=0.0)
+    xs = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    al = permgraph.align(a, b, "activation", [xs], spec=spec, progress=False, residual="weight")
+    assert _mismatched(al, perm) == 0
+    by_weight = {g for g, d in al.groups.items() if d.get("matched_by") == "weight"}
+    plain = permgraph.align(a, b, "activation", [xs], spec=spec, progress=False)
+    assert by_weight and not {g for g, d in plain.groups.items() if d.get("matched_by") == "weight"}
+    assert al.log[0]["groups_by_weight"] == len(by_weight)
+    with pytest.raises(ValueError, match="residual must be 'activation' or 'weight'"):
+        permgraph.align(a, b, "activation", [xs], spec=spec, progress=False, residual="sum")
+
+
 def test_nested_permutations_compose_and_invert_like_plain_ones():
     _, _, spec, perm, _ = _planted("vit", noise=0.0)
     other = permgraph.random_permutation(spec, 7)
