@@ -69,8 +69,9 @@ def main() -> int:
     self_curve = permgraph.barrier(m, m, d.loader("test", 128), alphas=3, reset_loader=reset_loader,
                                    progress=False)
     assert self_curve.barrier("error") == 0.0
-    import experiments
-    from experiments.executors import execute
+    from permgraph.experiments.executors import execute
+
+    from permgraph import experiments
 
     pair = {"kind": "pair", "name": "gpu-pair", "model": {"name": "resnet20", "kwargs": {"in_channels": 1,
             "input_size": 8}}, "data": {"name": "digits"}, "train": {"epochs": 2, "batch_size": 64, "lr": 0.05},

@@ -14,9 +14,9 @@ import time
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
+from permgraph.experiments.executors import execute  # noqa: E402
 
-import experiments  # noqa: E402
-from experiments.executors import execute  # noqa: E402
+from permgraph import experiments  # noqa: E402
 
 GRID = {
     "kind": "pair", "name": "bench-grid",

@@ -1,5 +1,8 @@
 """permgraph's experiment suite: declarative specs (``specs/*.yaml``) run by one runner per ``kind``.
 
+Installed as ``permgraph.experiments`` (from the repository's ``experiments/`` folder); the library
+(``permgraph``) never imports it, only the command line does.
+
     permgraph run specs/quickstart.yaml --out runs
     permgraph report runs/runs/pair-quickstart-<hash>
     permgraph list specs
@@ -26,7 +29,7 @@ __all__ = ["KINDS", "SpecError", "check_names", "load", "parse", "run", "report"
 def runner(kind: str):
     if kind not in KINDS:
         raise SpecError(f"unknown kind {kind!r}; available: {', '.join(KINDS)}")
-    return importlib.import_module(f"experiments.{kind}")
+    return importlib.import_module(f"{__name__}.{kind}")
 
 
 def run(spec_or_path, out: str | Path = "runs", device: str = "cpu", progress: bool = True,

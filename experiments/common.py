@@ -189,6 +189,7 @@ class Context:
         self.prefix = ""  # of unit names (a zoo's model label)
         self._shared_data = [None]  # one data set for this context and its parts
         self._specs: dict[tuple, permgraph.PermutationSpec] = {}
+        self._part_specs: dict[str, dict[tuple, permgraph.PermutationSpec]] = {}
         self._expected: set[Path] = set()
         # progress lines (stderr and log.txt) with progress=True; tqdm bars of training in a terminal
         self.tracker = Progress(progress, log=lambda text: store.log(self.run_dir, text))
@@ -198,7 +199,8 @@ class Context:
         folder under names starting with ``prefix``; data, store, device and progress lines are shared."""
         part = Context.__new__(Context)
         part.__dict__.update(self.__dict__)
-        part.spec, part.prefix, part._specs = spec, self.prefix + prefix, {}
+        part.spec, part.prefix = spec, self.prefix + prefix
+        part._specs = self._part_specs.setdefault(part.prefix, {})  # each part traces its model once
         return part
 
     # ------------------------------------------------------------------ data and models

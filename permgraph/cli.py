@@ -1,4 +1,5 @@
-"""Command line: ``permgraph demo`` and ``permgraph trace MODEL``."""
+"""Command line: ``permgraph demo`` and ``permgraph trace MODEL``; the experiment suite's ``run``, ``report``
+and ``list`` come from ``permgraph.experiments.cli``."""
 
 from __future__ import annotations
 
@@ -72,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_error(e: BaseException, permgraph_error: type) -> bool:
     """Errors whose message tells the user what to do (not bugs: those keep their traceback)."""
-    from experiments.spec import SpecError
-
-    return isinstance(e, (permgraph_error, SpecError, FileNotFoundError, IsADirectoryError, PermissionError))
+    app = _app()
+    errors = (permgraph_error, FileNotFoundError, IsADirectoryError, PermissionError)
+    return isinstance(e, errors + ((app.SpecError,) if app is not None else ()))
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -88,23 +89,9 @@ def _dispatch(argv: list[str]) -> int:
     tr.add_argument("--input-shape", type=int, nargs="+", help="example input shape, e.g. 2 3 32 32")
     tr.add_argument("--freeze", nargs="*", default=(), help="glob patterns of state-dict keys to keep fixed")
     tr.add_argument("--json", help="write the spec as JSON to this file")
-    run = sub.add_parser("run", help="run an experiment spec (YAML) and write its results and report")
-    run.add_argument("spec", help="path to a spec, e.g. specs/quickstart.yaml")
-    run.add_argument("--out", default="runs", help="store root (default: ./runs)")
-    run.add_argument("--device", default="cpu", help="cpu or cuda")
-    run.add_argument("--executor", default="local", choices=["local", "ray"],
-                     help="local (default): in this process; ray: independent units in parallel on a Ray cluster")
-    run.add_argument("--threads", type=_positive, default=1,
-                     help="torch threads (default 1). Results are byte-identical for the same torch version, "
-                          "device and thread count. With --executor ray: the CPUs each unit asks Ray for")
-    run.add_argument("--address", default=None,
-                     help="Ray cluster address (e.g. 10.0.0.1:6379 or auto); default: start a local Ray instance")
-    rep = sub.add_parser("report", help="re-create the report of a finished run folder")
-    rep.add_argument("run_dir")
-    ls = sub.add_parser("list", help="list the specs in a folder (recursively) with their kind, run name and "
-                                     "whether the run finished in the store")
-    ls.add_argument("specs_dir", nargs="?", default="specs")
-    ls.add_argument("--out", default="runs", help="store root the runs are looked for in (default: ./runs)")
+    app = _app()
+    if app is not None:
+        app.add_commands(sub)
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         ok = True
@@ -115,62 +102,21 @@ def _dispatch(argv: list[str]) -> int:
         return 0 if ok else 1
     if args.cmd == "trace":
         return 0 if _trace_one(args.model, args.input_shape, args.freeze, args.json) else 1
-    return _experiments(args)
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return n
-
-
-def _experiments(args) -> int:
-    try:
-        import experiments
-        from experiments.spec import SpecError
-    except ImportError as e:  # the suite's own dependencies are an extra
-        print(f"error: the experiment suite needs packages that are not installed ({e}): "
+    if app is None:
+        print("error: the experiment suite needs packages that are not installed: "
               "pip install 'permgraph[experiments]'", file=sys.stderr)
         return 2
+    return app.main(args)
 
+
+def _app():
+    """The experiment suite's command module (``run``, ``report``, ``list``), or None when its packages are
+    not installed. Only the command line reaches into the suite; the library never imports it."""
     try:
-        if args.cmd == "run":
-            if args.device.startswith("cuda") and not torch.cuda.is_available():
-                print("error: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
-                return 2
-            from experiments.executors import execute
-
-            spec = experiments.load(args.spec)
-            experiments.check_names(spec, args.spec)
-            run_dir = execute(spec, args.out, args.device, args.executor, args.address, threads=args.threads)
-            print(f"results: {run_dir / 'results.json'}\nreport:  {run_dir / 'report.md'}")
-            return 0
-        if args.cmd == "report":
-            print(experiments.report(args.run_dir))
-            return 0
-        if args.cmd == "list":
-            from pathlib import Path
-
-            paths = sorted(Path(args.specs_dir).rglob("*.yaml"))
-            if not paths:
-                print(f"no *.yaml specs under {args.specs_dir}", file=sys.stderr)
-                return 1
-            for p in paths:
-                try:
-                    spec = experiments.load(p)
-                    state = experiments.status(spec, args.out)
-                    print(f"{str(p):45s} {spec.kind:11s} {spec.run_name():40s} {state}")
-                except SpecError as e:
-                    print(f"{str(p):45s} INVALID: {str(e).splitlines()[-1].strip()}")
-            return 0
-    except (SpecError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 2
+        from permgraph.experiments import cli
+    except ImportError:
+        return None
+    return cli
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ import contextlib
 import time
 from pathlib import Path
 
-import experiments
 import permgraph
+from permgraph import experiments
 
 # the expensive calls a run makes: training, alignment and barriers
 WORK = ("train", "align", "barrier")

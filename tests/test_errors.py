@@ -6,10 +6,10 @@ import logging
 
 import pytest
 import torch
+from permgraph.experiments.store import read_json, write_json
 from torch import nn
 
 import permgraph
-from experiments.store import read_json, write_json
 from permgraph import FileFormatError, PermgraphError, TraceError, UnknownNameError
 from permgraph.train import load_state_dict, save_state_dict
 

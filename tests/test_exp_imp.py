@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-import experiments
 import permgraph
+from permgraph import experiments
 
 SPEC = {
     "kind": "imp", "name": "t-imp",
@@ -78,9 +78,9 @@ def test_imp_second_run_reuses_everything(first_run, monkeypatch):
     assert again == run_dir
     assert (run_dir / "results.json").read_bytes() == before
     # the parallel plan: unique names, dependencies listed first, and every unit already done
-    from experiments import imp
-    from experiments.common import Context
-    from experiments.store import Store
+    from permgraph.experiments import imp
+    from permgraph.experiments.common import Context
+    from permgraph.experiments.store import Store
 
     ctx = Context(experiments.parse(SPEC), Store(out), progress=False)
     seen = set()
@@ -91,9 +91,9 @@ def test_imp_second_run_reuses_everything(first_run, monkeypatch):
 
 
 def test_imp_key_holds_the_retrain_mode_and_the_levels_use_it(first_run):
-    from experiments import imp
-    from experiments.common import Context
-    from experiments.store import Store
+    from permgraph.experiments import imp
+    from permgraph.experiments.common import Context
+    from permgraph.experiments.store import Store
 
     out, _ = first_run
     ctx = Context(experiments.parse(SPEC), Store(out), progress=False)

@@ -4,8 +4,7 @@ point): the plane through A, B and P(B), the two straight lines, controls, and a
 
 import pytest
 from _runs import WORK, run_twice
-
-from experiments.store import read_json
+from permgraph.experiments.store import read_json
 
 SPEC = {
     "kind": "landscape", "name": "tiny-landscape",

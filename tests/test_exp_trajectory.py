@@ -4,10 +4,10 @@ P_final / P_s curves, agreement with P_final, controls, and a second run that re
 
 import pytest
 from _runs import WORK, run_twice
+from permgraph.experiments.spec import SpecError
+from permgraph.experiments.store import read_json
 
-import experiments
-from experiments.spec import SpecError
-from experiments.store import read_json
+from permgraph import experiments
 
 SPEC = {
     "kind": "trajectory", "name": "tiny-trajectory",
@@ -71,6 +71,6 @@ def test_match_at_must_be_checkpoints_or_the_final_epoch():
     with pytest.raises(SpecError, match=r"match_at epochs \[2\] are not checkpoints"):
         experiments.parse({**SPEC, "train": {**SPEC["train"], "checkpoints": [0, 1]}, "match_at": [2, 3]})
     spec = experiments.parse({**SPEC, "train": {**SPEC["train"], "checkpoints": [0, 1]}, "match_at": [1]})
-    from experiments.trajectory import epochs_of
+    from permgraph.experiments.trajectory import epochs_of
 
     assert epochs_of(spec) == ([0, 1, 3], [1, 3], [0, 1, 3])

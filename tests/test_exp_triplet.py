@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
+from permgraph.experiments.triplet import agreement, chain_seeds, fixed_points
 
-import experiments
 import permgraph
-from experiments.triplet import agreement, chain_seeds, fixed_points
+from permgraph import experiments
 
 SPEC = {
     "kind": "triplet", "name": "t-triplet",
@@ -91,9 +91,9 @@ def test_triplet_second_run_reuses_everything(first_run, monkeypatch):
     assert experiments.run(experiments.parse(SPEC), out=out, progress=False) == run_dir
     assert (run_dir / "results.json").read_bytes() == before
     # the parallel plan: unique names, dependencies listed first, and every unit already done
-    from experiments import triplet
-    from experiments.common import Context
-    from experiments.store import Store
+    from permgraph.experiments import triplet
+    from permgraph.experiments.common import Context
+    from permgraph.experiments.store import Store
 
     ctx = Context(experiments.parse(SPEC), Store(out), progress=False)
     seen = set()

@@ -4,10 +4,10 @@ magnitudes), weight vs activation matching at early checkpoints, controls, and a
 
 import pytest
 from _runs import WORK, run_twice
+from permgraph.experiments.spec import SpecError
+from permgraph.experiments.store import read_json
 
-import experiments
-from experiments.spec import SpecError
-from experiments.store import read_json
+from permgraph import experiments
 
 SPEC = {
     "kind": "wm_limits", "name": "tiny-wm-limits",

@@ -4,12 +4,12 @@ and the data and model options it relies on (resized / 3-channel images, model c
 import pytest
 import torch
 from _runs import counting, run_twice
+from permgraph.experiments.common import Context
+from permgraph.experiments.spec import SpecError
+from permgraph.experiments.store import Store, read_json
 
-import experiments
 import permgraph
-from experiments.common import Context
-from experiments.spec import SpecError
-from experiments.store import Store, read_json
+from permgraph import experiments
 
 ZOO = {
     "kind": "zoo", "name": "tinyzoo",
@@ -153,7 +153,7 @@ def test_model_classes_by_name_take_every_size():
 def test_store_keys_leave_out_fields_at_their_defaults(tmp_path):
     """Spelling out a default (or adding a field whose default changes nothing) keeps the stored networks
     and IMP chains: their keys, like the run hash, omit fields at their defaults."""
-    from experiments import imp
+    from permgraph.experiments import imp
 
     base = {"kind": "imp", "name": "k", "model": {"name": "mlp"}, "data": {"name": "digits"}, "seeds": [[0, 1]]}
     spelled = {**base, "model": {"name": "mlp", "kwargs": {}},

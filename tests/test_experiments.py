@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from permgraph.experiments.common import Context, Progress
+from permgraph.experiments.spec import SpecError
+from permgraph.experiments.store import Store
 
-import experiments
 import permgraph
-from experiments.common import Context, Progress
-from experiments.spec import SpecError
-from experiments.store import Store
+from permgraph import experiments
 from permgraph.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

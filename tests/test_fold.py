@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from permgraph.experiments.spec import SpecError
 from torch import nn
 
-import experiments
 import permgraph
-from experiments.spec import SpecError
-from permgraph import _fold
+from permgraph import _fold, experiments
 from permgraph._verify import randomize_
 from permgraph.permutation import permute_state_dict
 
@@ -230,8 +229,8 @@ def test_bad_fold_bn_options_are_clear_errors(spec, tmp_path):
 
 
 def test_experiment_context_aligns_with_weight_folded(tmp_path):
-    from experiments.common import Context
-    from experiments.store import Store
+    from permgraph.experiments.common import Context
+    from permgraph.experiments.store import Store
 
     d = {"kind": "pair", "name": "t", "model": {"name": "mlp", "kwargs": {"in_features": 64, "width": 16,
                                                                            "depth": 2, "norm": "bn"}},

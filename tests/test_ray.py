@@ -15,8 +15,9 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'permgraph[ray]')")
 
-import experiments  # noqa: E402
-from experiments.executors import execute  # noqa: E402
+from permgraph.experiments.executors import execute  # noqa: E402
+
+from permgraph import experiments  # noqa: E402
 
 # A loopback-only test cluster with token authentication: the driver (this process), the head and the
 # worker share the token through these variables, set for this module's tests only (see ``cluster``).
