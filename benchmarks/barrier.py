@@ -41,7 +41,7 @@ import torch
 
 import permgraph
 from permgraph import data, models
-from permgraph.barrier import batchnorm_layers, channel_stats, repair_, repair_layers, reset_bn_
+from permgraph.interpolation import batchnorm_layers, channel_stats, repair_, repair_layers, reset_bn_
 
 TARGET = 1.3
 ALPHAS = 25

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 import permgraph
-from permgraph.train import load_state_dict, save_state_dict
+from permgraph.io import load_state_dict, save_state_dict
 
 from .store import Store, read_json, write_json
 

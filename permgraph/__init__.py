@@ -14,20 +14,20 @@ from ._eval import evaluate as evaluate
 from ._trace import trace as trace
 from ._verify import EquivalenceResult as EquivalenceResult
 from ._verify import check_equivalence as check_equivalence
-from .align import Alignment as Alignment
-from .align import align as align
-from .align import compose as compose
-from .align import identity_alignment as identity_alignment
-from .barrier import BarrierCurve as BarrierCurve
-from .barrier import barrier as barrier
-from .barrier import interpolate as interpolate
-from .barrier import reset_bn as reset_bn
+from .alignment import Alignment as Alignment
+from .alignment import align as align
+from .alignment import compose as compose
+from .alignment import identity_alignment as identity_alignment
 from .errors import FileFormatError as FileFormatError
 from .errors import PermgraphError as PermgraphError
 from .errors import SpecMismatchError as SpecMismatchError
 from .errors import TraceError as TraceError
 from .errors import UnknownNameError as UnknownNameError
 from .errors import VerificationError as VerificationError
+from .interpolation import BarrierCurve as BarrierCurve
+from .interpolation import barrier as barrier
+from .interpolation import interpolate as interpolate
+from .interpolation import reset_bn as reset_bn
 from .permutation import Permutation as Permutation
 from .permutation import apply as apply
 from .permutation import identity as identity
@@ -40,8 +40,8 @@ from .spec import AxisRef as AxisRef
 from .spec import FrozenPart as FrozenPart
 from .spec import Group as Group
 from .spec import PermutationSpec as PermutationSpec
-from .train import TrainResult as TrainResult
-from .train import train as train
+from .training import TrainResult as TrainResult
+from .training import train as train
 
 __version__ = "0.1.0"
 

@@ -691,7 +691,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             "groups_by_weight": len(rest),
             "constant_units": {g: len(r) for g, r in degenerate.items()}}]
     if rest or degenerate:
-        from .align import weight_matching
+        from ._weight import weight_matching
 
         if rest:
             perm2, diag2, log2 = weight_matching(spec, a.state_dict(), b.state_dict(), groups=rest, init=perm,
@@ -715,7 +715,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
                                 "constant_units": len(degenerate[g])})
     # how clearly each final assignment beats every other on the activation similarity it was matched by
     # (groups matched by weights carry weight matching's); docs/alignment.md, "How sure is each group?"
-    from .align import _certainty, _head_certainty
+    from ._weight import _certainty, _head_certainty
 
     head_of = {g: h for h, gs in nested.items() for g in gs}
     for g in diag:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import SpecMismatchError
-from .train import _keeps_global_rng
+from .training import _keeps_global_rng
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d)
@@ -116,13 +116,13 @@ class Mask(Mapping[str, torch.Tensor]):
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as safetensors (uint8), atomically."""
-        from .train import save_state_dict
+        from .io import save_state_dict
 
         save_state_dict({k: v.to(torch.uint8) for k, v in self._m.items()}, os.fspath(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike, reference=None) -> Mask:
-        from .train import load_state_dict
+        from .io import load_state_dict
 
         return cls({k: v.bool() for k, v in load_state_dict(os.fspath(path)).items()}, reference)
 
@@ -271,7 +271,7 @@ def _check_retrain(retrain: str) -> None:
 
 def _check_store(store: str, retrain: str, start_step: int) -> None:
     """Refuse a store whose levels were retrained from another step; record the step in a new store."""
-    from .train import _atomic_text
+    from .io import atomic_text as _atomic_text
 
     path = os.path.join(store, _STORE_SETTINGS)
     retrained = any(name.startswith("level_") and name != "level_0" for name in os.listdir(store))
@@ -325,7 +325,9 @@ def imp(model: nn.Module | Callable[[], nn.Module], data, *, levels: int, fracti
         an IMPResult; level L's mask keeps (1 - fraction)^L of the prunable weights. Its ``settings``
         include ``retrain`` and ``start_step`` (the step retraining begins at: k, or 0 with "restart").
     """
-    from .train import _atomic_text, load_state_dict, save_state_dict, train
+    from .io import atomic_text as _atomic_text
+    from .io import load_state_dict, save_state_dict
+    from .training import train
 
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
@@ -426,8 +428,8 @@ def transfer_arms(model_b: nn.Module, imp_a: IMPResult, imp_b: IMPResult, data, 
     import copy
 
     from ._eval import evaluate
-    from .align import align
-    from .train import train
+    from .alignment import align
+    from .training import train
 
     arms = list(arms)
     bad = [a for a in arms if a not in ARMS]
@@ -512,8 +514,8 @@ def imp_barriers(model: nn.Module, imp_a: IMPResult, imp_b: IMPResult, loader, *
     barrier_loss}."""
     import copy
 
-    from .align import align
-    from .barrier import barrier, check_reset_loader
+    from .alignment import align
+    from .interpolation import barrier, check_reset_loader
 
     check_reset_loader(model, bn, reset_loader)  # before any alignment is computed
     dev = next(model.parameters()).device

@@ -8,7 +8,7 @@ from torch import nn
 
 import permgraph
 from permgraph import data, models
-from permgraph.barrier import channel_stats, repair_, repair_layers
+from permgraph.interpolation import channel_stats, repair_, repair_layers
 
 
 @pytest.fixture(scope="module")

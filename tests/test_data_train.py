@@ -15,7 +15,8 @@ import permgraph
 from permgraph import data, models
 from permgraph.data import DatasetMissingError
 from permgraph.errors import FileFormatError
-from permgraph.train import _load_train_state, _save_train_state, load_state_dict
+from permgraph.io import load_state_dict
+from permgraph.training import _load_train_state, _save_train_state
 
 
 def test_real_small_data_sets_load_offline_with_deterministic_splits():

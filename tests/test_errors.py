@@ -11,7 +11,7 @@ from torch import nn
 
 import permgraph
 from permgraph import FileFormatError, PermgraphError, TraceError, UnknownNameError
-from permgraph.train import load_state_dict, save_state_dict
+from permgraph.io import load_state_dict, save_state_dict
 
 
 class HeadFirstMLP(nn.Module):

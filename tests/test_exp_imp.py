@@ -70,7 +70,7 @@ def test_imp_second_run_reuses_everything(first_run, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("nothing should be recomputed on a second run")
 
-    monkeypatch.setattr(sys.modules["permgraph.train"], "train", boom)
+    monkeypatch.setattr(sys.modules["permgraph.training"], "train", boom)
     monkeypatch.setattr(permgraph, "train", boom)
     monkeypatch.setattr(permgraph.prune, "imp_barriers", boom)
     monkeypatch.setattr(permgraph.prune, "transfer_arms", boom)

@@ -84,7 +84,7 @@ def test_triplet_second_run_reuses_everything(first_run, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("nothing should be recomputed on a second run")
 
-    monkeypatch.setattr(sys.modules["permgraph.train"], "train", boom)
+    monkeypatch.setattr(sys.modules["permgraph.training"], "train", boom)
     monkeypatch.setattr(permgraph, "train", boom)
     monkeypatch.setattr(permgraph, "align", boom)
     monkeypatch.setattr(permgraph, "barrier", boom)

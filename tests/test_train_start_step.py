@@ -12,7 +12,7 @@ import permgraph
 from permgraph import data, models
 from permgraph.data import Data
 from permgraph.errors import FileFormatError
-from permgraph.train import lr_at
+from permgraph.training import lr_at
 
 
 class _Recorded(Dataset):

@@ -16,7 +16,6 @@ import json
 import math
 import operator
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -29,6 +28,9 @@ from torch import nn
 from ._eval import evaluate
 from .data import Data
 from .errors import FileFormatError
+from .io import atomic_text as _atomic_text
+from .io import save_state_dict
+from .io import write_atomically as _write_atomically
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -77,21 +79,6 @@ class TrainResult:
         if units:
             parts.append(f"checkpoints={units}")
         return f"TrainResult({', '.join(parts)})"
-
-
-def _write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Create ``path`` by calling ``write(tmp)`` on a temporary file in the same folder, then renaming it:
-    a reader, or a run resumed after a crash, finds the old file or the new one, never part of one."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
@@ -270,14 +257,6 @@ def _keeps_global_rng(fn):
     return run
 
 
-def _atomic_text(text: str, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _batch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from torch.utils.data import TensorDataset
 
@@ -285,43 +264,6 @@ def _batch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ds.tensors[0][idx], ds.tensors[1][idx]
     items = [ds[int(i)] for i in idx]
     return torch.stack([t[0] for t in items]), torch.as_tensor([int(t[1]) for t in items])
-
-
-def save_state_dict(state: Mapping[str, torch.Tensor], path: str) -> None:
-    """Write a state dict as safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict written by ``save_state_dict``. Raises ``FileNotFoundError`` if ``path`` does not
-    exist and ``FileFormatError`` (naming the file) if it is truncated or not a safetensors file."""
-    from safetensors.torch import load_file
-
-    from .errors import FileFormatError
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"state-dict file {path} does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a folder, not a state-dict file")
-    try:
-        return load_file(path)
-    except OSError:
-        raise
-    except Exception as e:  # safetensors' SafetensorError (a bad header) and friends
-        raise FileFormatError(f"state-dict file {path} is truncated or not a safetensors file ({e}); delete it "
-                              "and rerun to train the network again, or save it again with save_state_dict") from None
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, warmup: int, milestones: Iterable[int],
