@@ -658,3 +658,156 @@ IGNORED = set(_ops("sym_size", "sym_stride", "sym_numel", "sym_storage_offset", 
                    "stride"))
 for _op in IGNORED:
     RULES[_op] = lambda cx, node: None
+
+
+# ---------------------------------------------------------------------------------------------- recurrent
+GATE_REASON = "gate blocks of a recurrent layer play different roles"
+TIME_REASON = "a recurrent layer runs over time steps in order"
+STATE_REASON = "layers and directions of a stacked recurrent state"
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1,
+          "lstm_cell": 4, "gru_cell": 3, "rnn_tanh_cell": 1, "rnn_relu_cell": 1}
+
+
+def _is_constant(node) -> bool:
+    """A tensor created by a constant op (zeros, full, ...): every entry has the same value, so any
+    reordering of any slice of it leaves it unchanged."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and lookup(node.target) is constant
+
+
+def _gates(cx, rows: int, n_gates: int) -> tuple[int, int]:
+    """Split a gate-stacked row axis (gates x units, gate-major) into (gate atom, unit atom); the gate
+    atom is frozen: the gates (input, forget, cell, output of an LSTM; reset, update, new of a GRU) play
+    different roles, so the blocks stay in place and one permutation acts inside every block."""
+    if n_gates == 1:
+        return cx.atoms.new(1), rows
+    gate, unit = cx.split(rows, [n_gates, cx.size(rows) // n_gates])
+    cx.freeze(gate, GATE_REASON)
+    return gate, unit
+
+
+def _cell(cx, name: str, w_ih, w_hh, biases, w_hr, x_atom: int) -> tuple[int, int]:
+    """Couple the weights of one recurrent cell (one layer, one direction). Returns (output units, cell
+    units): the hidden state's units, and for an LSTM with a projection the cell state's units (the
+    projection's input) -- without a projection both are the hidden units.
+
+    The hidden units are permutable: one permutation acts on the rows of every gate block of ``weight_ih``,
+    ``weight_hh`` and the biases, on the columns of ``weight_hh``, and on whatever reads the hidden state.
+    With ``proj_size`` the cell units (rows of the gate blocks, columns of ``weight_hr``) and the projected
+    units (rows of ``weight_hr``, columns of ``weight_hh``, the output) are two separate permutations.
+    """
+    g = _GATES[name]
+    lih, lhh = cx.label(w_ih), cx.label(w_hh)
+    gate, unit = _gates(cx, lih[0], g)
+    for rows in [lhh[0]] + [cx.label(b)[0] for b in biases if b is not None]:
+        g2, u2 = _gates(cx, rows, g)
+        cx.unify(gate, g2)
+        cx.unify(unit, u2)
+    cx.unify(lih[1], x_atom)
+    out = unit
+    if w_hr is not None:
+        lhr = cx.label(w_hr)
+        cx.unify(lhr[1], unit)
+        out = lhr[0]
+    cx.unify(lhh[1], out)
+    return out, unit
+
+
+def _used_outputs(node) -> set[int]:
+    """Indices of a multi-output node's results that some node reads."""
+    used = set()
+    for u in node.users:
+        if u.target is operator.getitem and u.users:
+            used.add(int(u.args[1]))
+    return used
+
+
+@rule(*_ops("lstm", "gru", "rnn_tanh", "rnn_relu"))
+def recurrent(cx, node):
+    """nn.LSTM / nn.GRU / nn.RNN (``aten.lstm.input``, ``aten.gru.input``, ... and the packed ``.data``
+    forms): one cell per layer and direction, each with its own permutation of its hidden units.
+
+    The input's feature dim is the columns of layer 0's ``weight_ih`` (both directions); layer l+1's
+    ``weight_ih`` columns are the concatenation [forward units, backward units] of layer l's outputs, as
+    is the output's feature dim for the last layer. Time steps are frozen (the recurrence runs over them in
+    order); the batch dim is shared by the input, the output and the states. The stacked states
+    ``h_0``/``h_n`` (and ``c_0``/``c_n``) hold every layer and direction in one tensor whose last dim is one
+    axis: when such a state is given (not a constant) or read, the units of all layers and directions
+    become one permutation.
+    """
+    name = cx.opname(node)
+    packed = isinstance(node.target, torch._ops.OpOverload) and node.target._overloadname == "data"
+    if packed:
+        x, _batch_sizes, hx, params, has_biases, layers, _drop, _train, bidir = node.args[:9]
+        batch_first = False
+    else:
+        x, hx, params, has_biases, layers, _drop, _train, bidir, batch_first = node.args[:9]
+    lx = cx.label(x)
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    dirs = 2 if bidir else 1
+    per = len(params) // (layers * dirs)
+    proj = per == (5 if has_biases else 3)
+    if per * layers * dirs != len(params) or per not in ((4, 5) if has_biases else (2, 3)):
+        raise ValueError(f"{len(params)} weights for {layers} layer(s) x {dirs} direction(s)")
+    if packed:  # (sum of the sequence lengths, features): the packed dim holds time steps
+        tdim, bdim = 0, None
+    elif len(lx) == 2:  # unbatched (time, features)
+        tdim, bdim = 0, None
+    else:
+        tdim, bdim = (1, 0) if batch_first else (0, 1)
+    cx.freeze(lx[tdim], TIME_REASON)
+    feed = lx[-1]
+    cells: list[tuple[int, int]] = []  # (output units, cell units) per layer and direction
+    for layer in range(layers):
+        outs = []
+        for d in range(dirs):
+            ps = list(params[(layer * dirs + d) * per:(layer * dirs + d + 1) * per])
+            w_ih, w_hh = ps[0], ps[1]
+            biases = ps[2:4] if has_biases else []
+            w_hr = ps[-1] if proj else None
+            out, unit = _cell(cx, name, w_ih, w_hh, biases, w_hr, feed)
+            cells.append((out, unit))
+            outs.append(out)
+        feed = cx.atoms.compose("sum", outs) if dirs == 2 else outs[0]
+    # the states: h (the output units) and, for an LSTM, c (the cell units)
+    used = _used_outputs(node)
+    state_labels = []
+    for k, s in enumerate(states):
+        shape = cx.shape(s)
+        read = (k + 1) in used
+        given = not _is_constant(s)
+        units = [c[0] if k == 0 else c[1] for c in cells]
+        if given or read:
+            for u in units[1:]:
+                cx.unify(units[0], u)
+        if given:
+            ls = cx.label(s)
+            cx.freeze(ls[0], STATE_REASON)
+            if len(ls) == 3 and bdim is not None:
+                cx.unify(ls[1], lx[bdim])
+            cx.unify(ls[-1], units[0])
+        lab = list(cx.fresh(shape))
+        if read:
+            cx.freeze(lab[0], STATE_REASON)
+            if len(lab) == 3 and bdim is not None:
+                lab[1] = lx[bdim]
+            lab[-1] = units[0]
+        state_labels.append(tuple(lab))
+    return [lx[:-1] + (feed,)] + state_labels
+
+
+@rule(*_ops("lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"))
+def recurrent_cell(cx, node):
+    """nn.LSTMCell / nn.GRUCell / nn.RNNCell: one step of one cell; the state's units are its hidden units."""
+    name = cx.opname(node)
+    x, hx, w_ih, w_hh = node.args[:4]
+    biases = [_arg(node, 4, "b_ih"), _arg(node, 5, "b_hh")]
+    lx = cx.label(x)
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    out, _unit = _cell(cx, name, w_ih, w_hh, biases, None, lx[-1])
+    for s in states:
+        ls = cx.label(s)
+        cx.unify(ls[-1], out)
+        for a, b in zip(ls[:-1], lx[:-1]):
+            cx.unify(a, b)
+    lab = lx[:-1] + (out,)
+    return [lab, lab] if name == "lstm_cell" else lab

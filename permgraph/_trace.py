@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import networkx as nx
@@ -687,7 +688,11 @@ def export(model: nn.Module, example_inputs: tuple, guessed: bool = False) -> to
     short ``TraceError`` (torch's own log output is in its ``details`` attribute, not printed)."""
     details: list[str] = []
     try:
-        with _quiet_torch() as details, kept_modes(model), _without_caches(model), torch.no_grad():
+        with _quiet_torch() as details, kept_modes(model), _without_caches(model), torch.no_grad(), \
+                warnings.catch_warnings():
+            # nn.LSTM/GRU/RNN reassign their ``_flat_weights`` list while exported; torch warns about it,
+            # harmlessly (the weights are the module's parameters and reach the graph as such)
+            warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")
             model.eval()
             return torch.export.export(model, example_inputs, strict=False)
     except Exception as e:  # torch.export raises many types; re-raise as one permgraph error

@@ -428,6 +428,9 @@ class PermutationSpec:
 EXPECTED_FROZEN = {
     "model input", "model output", "convolution kernel positions", "spatial positions after a convolution",
     "spatial positions after pooling/resampling", "not used by the traced forward pass",
+    # recurrent layers (see _rules.recurrent)
+    "gate blocks of a recurrent layer play different roles", "a recurrent layer runs over time steps in order",
+    "layers and directions of a stacked recurrent state",
 }
 
 

@@ -1,5 +1,7 @@
 """Unit tests of the op rules on tiny modules: structure of the traced spec, and function preserved."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -336,3 +338,141 @@ def test_check_equivalence_detects_a_broken_spec():
     res = permgraph.check_equivalence(m, broken, (x,))
     assert not res.ok
     assert res.failing == [spec.axes["bn1.weight"][0]]
+
+
+# --------------------------------------------------------------------------- batch norm on other shapes
+class BNShapes(nn.Module):
+    """batch_norm applied to tensors that are not (N, C, H, W): its statistics run over every dim but dim
+    1, so dim 1 is the channel axis whatever the other dims hold."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        if mode in ("train_3d", "groups_as_channels"):
+            self.w = nn.Parameter(torch.ones(8))
+            self.b = nn.Parameter(torch.zeros(8))
+        elif mode == "5d":
+            self.bn = nn.BatchNorm3d(8)
+        else:
+            self.bn = nn.BatchNorm1d(8)
+        self.c2 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        n, c, h, w = y.shape
+        if self.mode == "train_3d":  # training-mode statistics over (batch, positions) of a (N, C, HW) view
+            y = F.batch_norm(y.reshape(n, c, -1), None, None, self.w, self.b, training=True).reshape(n, c, h, w)
+        elif self.mode == "tokens":  # (N, L, C) tokens, transposed to (N, C, L) for BatchNorm1d
+            t = y.flatten(2).transpose(1, 2)
+            y = self.bn(t.transpose(1, 2)).reshape(n, c, h, w)
+        elif self.mode == "vectors":  # (N, C) after pooling, then broadcast back
+            y = y + self.bn(y.mean((2, 3)))[:, :, None, None]
+        elif self.mode == "5d":  # (N, C, 1, H, W)
+            y = self.bn(y.unsqueeze(2)).squeeze(2)
+        elif self.mode == "groups_as_channels":  # GroupNorm written with batch_norm on (1, N*G, C/G*H*W)
+            y = F.batch_norm(y.reshape(1, n * 2, -1), None, None, training=True).reshape(n, c, h, w)
+            y = y * self.w[:, None, None] + self.b[:, None, None]
+        return self.fc(F.relu(self.c2(y)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["train_3d", "tokens", "vectors", "5d", "groups_as_channels"])
+def test_batch_norm_on_reshaped_tensors_keeps_its_channel_axis(mode):
+    m = BNShapes(mode).eval()
+    x = torch.randn(2, 3, 5, 5, generator=_gen())
+    spec = permgraph.trace(m, x)
+    assert spec.info["verification"]["status"] == "passed"
+    assert not spec.info["unsupported_ops"]
+    ch = spec.axes["c1.weight"][0]
+    if mode == "groups_as_channels":  # the 2 groups move as wholes, each reorders its 4 channels
+        assert isinstance(ch, str) and spec.groups[ch].size == 8 and spec.groups[ch].blocks is not None
+        assert spec.groups[spec.groups[ch].blocks].size == 2
+    else:
+        assert isinstance(ch, str) and spec.groups[ch].size == 8
+    assert spec.axes["c2.weight"][1] == ch
+    params = ["w", "b"] if hasattr(m, "w") else [f"bn.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
+    for key in params:
+        assert spec.axes[key] == [ch], (key, spec.axes[key])
+    assert len(spec.groups) == (3 if mode == "groups_as_channels" else 2)
+    assert_equivalent(m, spec, x)
+
+
+# --------------------------------------------------------------------------- weight standardisation
+class HandScaledStdConv2d(nn.Conv2d):
+    """ScaledStdConv2d written out: each output channel's weights standardised over (in, kh, kw), then
+    scaled by a per-channel gain of shape (C, 1, 1, 1). ``via="batch_norm"`` standardises with a
+    training-mode batch_norm on the (1, out, in*kh*kw) view, as timm does; ``via="moments"`` with
+    mean/var."""
+
+    def __init__(self, cin, cout, k, groups=1, via="batch_norm", eps=1e-6):
+        super().__init__(cin, cout, k, padding=k // 2, groups=groups)
+        self.gain = nn.Parameter(torch.ones(cout, 1, 1, 1))
+        self.scale = self.weight[0].numel() ** -0.5
+        self.via, self.eps = via, eps
+
+    def forward(self, x):
+        if self.via == "batch_norm":
+            w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                             weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                             eps=self.eps).reshape_as(self.weight)
+        else:
+            mean = self.weight.mean(dim=(1, 2, 3), keepdim=True)
+            var = self.weight.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+            w = (self.weight - mean) * torch.rsqrt(var + self.eps) * self.gain * self.scale
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class WSNet(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        from timm.layers import ScaledStdConv2d, StdConv2d
+
+        def conv(cin, cout, k, groups=1):
+            if kind == "timm_scaled":
+                return ScaledStdConv2d(cin, cout, k, groups=groups)
+            if kind == "timm_std":
+                return StdConv2d(cin, cout, k, groups=groups, bias=True)
+            return HandScaledStdConv2d(cin, cout, k, groups=groups, via=kind)
+
+        self.c1 = conv(3, 8, 3)
+        self.c2 = conv(8, 8, 3, groups=2)
+        self.c3 = conv(8, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = F.gelu(self.c1(x))
+        x = x + F.gelu(self.c2(x))
+        return self.fc(F.gelu(self.c3(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["timm_scaled", "timm_std", "batch_norm", "moments"])
+def test_weight_standardisation_keeps_channels_permutable_for_any_weights(kind):
+    """Standardising a conv weight over (in, kh, kw) does not depend on their order: the output channels
+    (rows, biases, gains) and input channels stay groups. Checked on several random weights and gains."""
+    m = WSNet(kind).eval()
+    x = torch.randn(2, 3, 6, 6, generator=_gen())
+    spec = permgraph.trace(m, x)
+    assert spec.info["verification"]["status"] == "passed"
+    g1, g3 = spec.axes["c1.weight"][0], spec.axes["c3.weight"][0]
+    assert isinstance(g3, str) and spec.groups[g3].size == 6
+    # the residual stream through the grouped conv: 2 groups of 4 channels, one order inside both groups
+    blocks, inner = g1["prod"]
+    assert spec.groups[blocks].size == 2 and spec.groups[inner].size == 4
+    assert spec.axes["c2.weight"][:2] == [g1, inner] and spec.axes["c3.weight"][:2] == [g3, g1]
+    assert spec.axes["c1.bias"] == spec.axes["c2.bias"] == [g1] and spec.axes["c3.bias"] == [g3]
+    if kind != "timm_std":
+        assert spec.axes["c1.gain"] == spec.axes["c2.gain"] == [g1, 1, 1, 1]
+        assert spec.axes["c3.gain"] == [g3, 1, 1, 1]
+    state = m.state_dict()
+    unmoved = [k for k in state if k not in spec.permutable_keys()]
+    assert unmoved == ["fc.bias"]
+    for seed in range(3):  # arbitrary weights and gains, checked in float64
+        g = torch.Generator().manual_seed(seed)
+        w = copy.deepcopy(m).double()
+        with torch.no_grad():
+            for k, t in w.state_dict(keep_vars=True).items():
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * (1.0 if t.ndim == 1 or "gain" in k else
+                                                                             t.std().clamp_min(0.1)))
+        res = permgraph.check_equivalence(w, spec, (x.double(),), seed=seed)
+        assert res.ok and res.dtype == "float64", (seed, res.rel_error, res.failing)

@@ -32,15 +32,16 @@ class Case:
     input_shape: tuple[int, ...] = (2, 3, 64, 64)
     # share of state-dict values (numel) in spec.permutable_keys(); measured value in the comment
     min_coverage: float = 0.995
+    tag: str = ""  # tells apart cases of one model with different kwargs
 
     @property
     def id(self) -> str:
-        extra = "-".join(f"{v}" for k, v in self.kwargs.items() if k in ("norm",))
+        extra = "-".join([f"{v}" for k, v in self.kwargs.items() if k in ("norm",)] + ([self.tag] if self.tag else []))
         return self.name.replace(":", "-") + (f"-{extra}" if extra else "")
 
 
 def _case(name: str, *marks, **kw) -> pytest.param:
-    fields = {k: kw.pop(k) for k in ("input_shape", "min_coverage") if k in kw}
+    fields = {k: kw.pop(k) for k in ("input_shape", "min_coverage", "tag") if k in kw}
     c = Case(name, kw, **fields)
     return pytest.param(c, id=c.id, marks=marks)
 
@@ -74,6 +75,14 @@ CASES = [
     _case("timm:regnetx_002"),  # 0.9996
     _case("timm:mixer_s16_224", input_shape=(2, 3, 224, 224)),  # 0.9999
     _case("timm:resnet26d"),  # 0.9999
+    # weight standardisation (ScaledStdConv2d: training-mode batch_norm on the reshaped weight); nfnet_f0
+    # (71M parameters) is verified in float32
+    _case("timm:test_nfnet"),  # 0.9974 (the 1000-class head bias is a quarter of this tiny model)
+    _case("timm:nf_regnet_b0", slow),  # 0.9999
+    _case("timm:nfnet_f0", slow),  # 1.0000 (0.999986)
+    # LSTMs run over the rows and the columns of the feature map
+    _case("timm:sequencer2d_s", layers=(1, 1, 1, 1), tag="1-block-stages"),  # 0.9999
+    _case("timm:sequencer2d_s", slow),  # 1.0000 (0.999964)
 ]
 
 
