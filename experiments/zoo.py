@@ -235,7 +235,8 @@ def _pm(s: dict[str, float] | None) -> str:
 
 
 def _seconds(timing: dict[str, Any], lb: str, key: str) -> float:
-    return sum(u.get(key, 0.0) for u in timing.get(lb, {}).values())
+    """Seconds of phase ``key`` over the model's units (``align`` sums every method's ``align_<method>``)."""
+    return sum(v for u in timing.get(lb, {}).values() for k, v in u.items() if k == key or k.startswith(key + "_"))
 
 
 def report(ctx: Context, results: dict[str, Any]) -> str:

@@ -262,7 +262,7 @@ def _forget(key: tuple) -> None:
 
 def _model_outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The model's output tensors (pytree leaves) in eval mode; the train/eval flags are restored."""
-    from ._trace import kept_modes
+    from ._inputs import kept_modes
 
     with kept_modes(model), torch.no_grad():
         model.eval()

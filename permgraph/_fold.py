@@ -152,7 +152,7 @@ def _plan_from_spec(spec: PermutationSpec, skipped: dict[str, str] | None = None
 
 
 def _inputs(spec: PermutationSpec, model: nn.Module, example_inputs) -> tuple | None:
-    from ._trace import _as_tuple, inputs_like, resolve_inputs
+    from ._inputs import _as_tuple, inputs_like, resolve_inputs
 
     if example_inputs is not None:
         return _as_tuple(example_inputs)
@@ -169,7 +169,7 @@ def _inputs(spec: PermutationSpec, model: nn.Module, example_inputs) -> tuple | 
 def _observed_pairs(model: nn.Module, inputs: tuple) -> tuple[dict[str, str], dict[str, str]]:
     """Forward hooks: for every BatchNorm, the conv/linear whose output tensor it consumed (on every call);
     and the BatchNorms that consumed something else (with the reason)."""
-    from ._trace import kept_modes
+    from ._inputs import kept_modes
 
     mods = dict(model.named_modules())
     producers = {n: m for n, m in mods.items()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from . import spec as _spec
 from .errors import SpecMismatchError, TraceError, VerificationError
 from .permutation import Permutation, nest, permute_state_dict, restrict
 from .spec import PermutationSpec
@@ -119,7 +120,7 @@ def cyclic_permutation(spec: PermutationSpec, generator: torch.Generator) -> Per
 class _Checker:
     def __init__(self, spec: PermutationSpec, model: nn.Module, inputs: tuple, seed: int = 0,
                  dtype: torch.dtype | None = None):
-        from ._trace import _reason, checking_inputs
+        from ._inputs import _reason, checking_inputs
 
         gen = torch.Generator().manual_seed(seed)
         nparams = sum(p.numel() for p in model.parameters())
@@ -280,3 +281,6 @@ def check_equivalence(model: nn.Module, spec: PermutationSpec, example_inputs=No
     per = {g: checker.error({g}) for g in spec.groups} if per_group else {}
     checker.failed(max([err, *per.values()]))  # a change above TOL: widen the tolerance to the noise floor
     return EquivalenceResult(err, checker.tol, str(checker.dtype).split(".")[-1], per)
+
+
+_spec._VERIFY[0] = verify_spec  # PermutationSpec.from_json(text, model=...) verifies with it

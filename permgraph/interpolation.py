@@ -92,7 +92,7 @@ def _inputs(batch):
 def _passes(model: nn.Module, loader: Iterable, num_batches: int | None, device, hooks=(), train: bool = False):
     """Run ``model`` over ``loader`` (no grad) with forward ``hooks`` ({module: fn}) registered, in eval
     mode (or train mode); the hooks are removed and train/eval flags restored afterwards."""
-    from ._trace import kept_modes
+    from ._inputs import kept_modes
 
     handles = [m.register_forward_hook(fn) for m, fn in dict(hooks).items()]
     dev = device or next(model.parameters()).device

@@ -25,6 +25,11 @@ import networkx as nx
 
 from .errors import FileFormatError
 
+# Verification of a loaded spec against a model (``from_json(..., model=)``) belongs to the layer above:
+# ``permgraph._verify`` puts its ``verify_spec`` here when it is imported (importing ``permgraph`` does),
+# so that this module, the bottom of the stack, imports nothing of permgraph's but the errors.
+_VERIFY: list = [None]
+
 Tree = Any  # str | int | dict[str, list[Tree]]
 
 SPEC_VERSION = 2  # 2: groups may be nested in a block group (``Group.blocks``); version 1 files still load
@@ -331,9 +336,7 @@ class PermutationSpec:
                                   "fix it, or write it again with spec.save(path)") from None
         spec = _from_dict(cls, d, what)
         if model is not None:
-            from ._verify import verify_spec
-
-            verify_spec(spec, model, example_inputs)
+            _VERIFY[0](spec, model, example_inputs)
         return spec
 
     def save(self, path: str | os.PathLike) -> None:

@@ -43,3 +43,40 @@ def test_the_suite_is_permgraph_experiments_and_not_a_top_level_package():
     assert experiments.runner("pair").__name__ == "permgraph.experiments.pair"
     text = (ROOT / "pyproject.toml").read_text()
     assert '"permgraph.experiments" = "experiments"' in text and '"experiments*"' not in text
+
+
+def _module_graph():
+    import networkx as nx
+
+    mods = {}
+    for p in (ROOT / "permgraph").rglob("*.py"):
+        name = ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = p
+    g = nx.DiGraph()
+    for m, p in mods.items():
+        if m in ("permgraph", "permgraph.cli", "permgraph.__main__"):  # the package's face and the entry point
+            continue
+        g.add_node(m)
+        for i in _imports(p):
+            target = i if i in mods else i.rsplit(".", 1)[0]
+            if target in mods and target not in (m, "permgraph"):
+                g.add_edge(m, target)
+    return g
+
+
+def test_no_import_cycles_and_the_spec_is_the_bottom_layer():
+    """Counting imports inside functions too: no module of the library reaches back to one that imports
+    it, and the layers run spec <- permutation <- verify <- trace <- matchers <- alignment <- barrier/prune."""
+    import networkx as nx
+
+    g = _module_graph()
+    cycles = list(nx.simple_cycles(g))
+    assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles[:5]]}"
+    p = "permgraph."
+    assert set(g.successors(p + "spec")) <= {p + "errors"}
+    order = ["spec", "permutation", "_verify", "_trace", "_weight", "_activations", "alignment", "interpolation",
+             "prune"]
+    for i, lower in enumerate(order):  # nothing reaches up the stack
+        for upper in order[i + 1:]:
+            assert not nx.has_path(g, p + lower, p + upper), f"{lower} depends on {upper}"
+    assert nx.has_path(g, p + "alignment", p + "spec") and nx.has_path(g, p + "_trace", p + "_verify")
