@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from test_rules import BNNet  # the same two-BatchNorm conv net as the rule tests
 from timm.layers import ScaledStdConv2d
 from torch import nn
 
@@ -90,21 +90,6 @@ def test_a_too_noisy_float32_check_is_redone_in_float64(monkeypatch):
     assert ver["status"] == "passed" and ver["dtype"] == "float64", ver
     assert ver["float32_noise_floor"] * _verify.NOISE_FACTOR > _verify.TOL_MAX
     assert len(spec.groups) == 41
-
-
-class BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.c2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6, 2)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.c1(x)))
-        x = F.relu(self.bn2(self.c2(x)))
-        return self.fc(x.mean((2, 3)))
 
 
 def test_float32_check_still_catches_a_wrong_rule(monkeypatch):
