@@ -69,6 +69,22 @@ def test_zoo_measures_every_model_and_reports_the_ones_that_fail(zoo_run):
     assert (run_dir / "zoo_barriers.png").stat().st_size > 1000
 
 
+def test_zoo_runs_in_the_command_line_list_and_report(zoo_run, tmp_path, capsys):
+    import yaml
+
+    from permgraph.cli import main
+
+    run_dir = zoo_run["run_dir"]
+    (tmp_path / "zoo.yaml").write_text(yaml.safe_dump(ZOO))
+    assert main(["list", str(tmp_path), "--out", str(run_dir.parent.parent)]) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if "zoo.yaml" in ln]
+    assert line.split()[1:] == ["zoo", run_dir.name, "finished"]
+    before = (run_dir / "report.md").read_text()
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.md").read_text() == before
+
+
 def test_zoo_rerun_does_no_work_and_gives_the_same_bytes(zoo_run):
     assert zoo_run["work_first"]["train"] == 4
     assert zoo_run["work_second"] == {"train": 0, "align": 0, "barrier": 0}
