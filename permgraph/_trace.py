@@ -34,6 +34,19 @@ from .spec import AxisRef, FrozenPart, PermutationSpec
 Label = tuple  # tuple[int, ...]
 
 
+# Strict mode (the test suite sets it): an exception other than StructureError inside a rule is a bug in
+# permgraph and raises RuleError, instead of freezing the op with a warning. PERMGRAPH_STRICT_RULES=1 sets it.
+STRICT_RULES = os.environ.get("PERMGRAPH_STRICT_RULES", "") not in ("", "0")
+
+
+class RuleError(RuntimeError):
+    """A rule of permgraph failed on an op (a bug: please report it)."""
+
+
+class RuleWarning(UserWarning):
+    """A rule of permgraph failed on an op, which was frozen so that the spec stays correct."""
+
+
 class Propagator:
     """Walks the exported graph once, labelling every tensor dim with an atom (an fx-Interpreter-like
     pass that needs no real tensors: shapes come from ``node.meta["val"]``)."""
@@ -275,8 +288,18 @@ class Propagator:
             return self.unknown(node)
         try:
             out = fn(self, node)
-        except (StructureError, IndexError, TypeError, ValueError, KeyError) as e:
+        except StructureError as e:  # the rule's own verdict: these axes cannot be tracked through the op
             return self.unknown(node, f"{self.opname(node)}: {e}")
+        except (IndexError, TypeError, ValueError, KeyError, AttributeError) as e:
+            # a bug in the rule (or an op signature it does not expect): loud in strict mode (the test suite),
+            # otherwise the op is frozen, so the spec stays correct, and the failure is reported
+            if STRICT_RULES:
+                raise RuleError(f"permgraph's rule for {self.opname(node)} failed at {self._where(node)}: "
+                                f"{type(e).__name__}: {e}") from e
+            why = (f"{self.opname(node)}: permgraph's rule failed ({type(e).__name__}: {e}); frozen, please "
+                   "report it")
+            warnings.warn(f"{why} ({self._where(node)})", RuleWarning, stacklevel=2)
+            return self.unknown(node, why)
         if not self._shapes_match(out, self.meta(node)):
             return self.unknown(node, f"{self.opname(node)}: propagated shape disagrees with the graph")
         return out

@@ -115,3 +115,14 @@ def _leaves_global_state_as_found(request):
     if changed:
         pytest.fail(f"{request.node.nodeid} changed global state: {'; '.join(changed)}. "
                     "Restore it in the test (monkeypatch, try/finally).", pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _strict_rules():
+    """A rule that raises anything but StructureError is a bug: in the tests it fails loudly (RuleError)
+    instead of freezing the op (what users get, with a RuleWarning)."""
+    from permgraph import _trace
+
+    before, _trace.STRICT_RULES = _trace.STRICT_RULES, True
+    yield
+    _trace.STRICT_RULES = before

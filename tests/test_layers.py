@@ -80,3 +80,26 @@ def test_no_import_cycles_and_the_spec_is_the_bottom_layer():
         for upper in order[i + 1:]:
             assert not nx.has_path(g, p + lower, p + upper), f"{lower} depends on {upper}"
     assert nx.has_path(g, p + "alignment", p + "spec") and nx.has_path(g, p + "_trace", p + "_verify")
+
+
+def test_a_failing_rule_is_loud_in_strict_mode_and_frozen_with_a_warning_otherwise(monkeypatch):
+    import pytest
+    import torch
+
+    import permgraph
+    from permgraph import _trace
+
+    orig = _trace.lookup
+
+    def boom(cx, node):
+        raise TypeError("a bug in the rule")
+
+    monkeypatch.setattr(_trace, "lookup", lambda t: boom if "relu" in str(t) else orig(t))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    x = (torch.randn(3, 4),)
+    with pytest.raises(_trace.RuleError, match="permgraph's rule for .*relu.* failed .*TypeError: a bug in the rule"):
+        permgraph.trace(model, x)  # the test suite runs in strict mode (conftest)
+    monkeypatch.setattr(_trace, "STRICT_RULES", False)
+    with pytest.warns(_trace.RuleWarning, match="please report it"):
+        spec = permgraph.trace(model, x)
+    assert len(spec.groups) == 0 and spec.info["verification"]["status"] == "passed"  # frozen, still correct
