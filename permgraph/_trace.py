@@ -58,6 +58,7 @@ class Propagator:
         self.env: dict[torch.fx.Node, object] = {}
         self.param_labels: dict[str, Label] = {}
         self.unknown_ops: dict[str, int] = {}
+        self.locations: dict[str, tuple[str, str]] = {}  # reason text -> (reason, location), see located()
         self.node: torch.fx.Node | None = None
 
     # ------------------------------------------------------------------ context API used by rules
@@ -95,14 +96,22 @@ class Propagator:
     def fresh(self, shape: Sequence[int], frozen: str | None = None) -> Label:
         return tuple(self.atoms.new(int(s), frozen) for s in shape)
 
+    def located(self, why: str, node=None) -> str:
+        """The atoms' reason text for ``why`` at ``node`` (default: the node in progress); the reason and its
+        location are remembered apart (``locations``), so that FrozenPart gets them as two fields."""
+        where = self._where(node)
+        msg = f"{why} ({where})"
+        self.locations[msg] = (why, where)
+        return msg
+
     def freeze(self, a: int, reason: str) -> None:
-        self.atoms.freeze(a, f"{reason} ({self._where()})")
+        self.atoms.freeze(a, self.located(reason))
 
     def unify(self, a: int, b: int) -> None:
         try:
             self.atoms.unify(a, b)
         except StructureError as e:
-            reason = f"conflicting structure: {e} ({self._where()})"
+            reason = self.located(f"conflicting structure: {e}")
             self.atoms.freeze(a, reason)
             self.atoms.freeze(b, reason)
 
@@ -216,7 +225,7 @@ class Propagator:
         """An op permgraph does not understand: freeze every atom it touches; fresh frozen outputs."""
         why = reason or f"unsupported op {self.opname(node)}"
         self.unknown_ops[why] = self.unknown_ops.get(why, 0) + 1
-        msg = f"{why} ({self._where(node)})"
+        msg = self.located(why, node)
 
         def freeze_all(x):
             if isinstance(x, tuple):
@@ -461,7 +470,10 @@ def build_spec(prop: Propagator, model: nn.Module, info: dict, input_shapes: tup
             _frozen_leaves(atoms, a, leaves)
             for r in leaves:
                 frozen_axes.setdefault(r, []).append(AxisRef(key, d))
-    frozen = [FrozenPart(atoms.size(r), atoms.frozen(r) or "frozen", tuple(ax)) for r, ax in frozen_axes.items()]
+    frozen = []
+    for r, ax in frozen_axes.items():
+        reason, where = prop.locations.get(atoms.frozen(r) or "frozen", (atoms.frozen(r) or "frozen", ""))
+        frozen.append(FrozenPart(atoms.size(r), reason, tuple(ax), where))
     if unused:
         frozen.append(FrozenPart(0, unused_reason, tuple(unused)))
     group_sizes = {g: atoms.size(r) for r, g in gid.items()}
@@ -729,6 +741,5 @@ def trace(model: nn.Module, example_inputs=None, *, verify: bool = True, freeze:
 
         spec = verify_and_repair(spec, model, inputs, seed=seed)
     t3 = time.perf_counter()
-    spec.info["timings"] = {"export_s": round(t1 - t0, 4), "propagate_s": round(t2 - t1, 4),
-                            "verify_s": round(t3 - t2, 4)}
-    return spec
+    return spec.with_info(timings={"export_s": round(t1 - t0, 4), "propagate_s": round(t2 - t1, 4),
+                                   "verify_s": round(t3 - t2, 4)})

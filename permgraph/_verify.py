@@ -252,13 +252,12 @@ def verify_and_repair(spec: PermutationSpec, model: nn.Module, inputs, seed: int
         spec = spec.freeze_groups(list(spec.groups), "verification failed")
         status = "failed: every group frozen"
         err = 0.0
-    spec.info["verification"] = {"status": status, "rel_error": err, "dtype": str(checker.dtype).split(".")[-1],
-                                 "tolerance": checker.tol}
+    record = {"status": status, "rel_error": err, "dtype": str(checker.dtype).split(".")[-1], "tolerance": checker.tol}
     if checker.noise is not None:
-        spec.info["verification"]["noise_floor"] = checker.noise
+        record["noise_floor"] = checker.noise
     if checker.float32_noise is not None:
-        spec.info["verification"]["float32_noise_floor"] = checker.float32_noise
-    return spec
+        record["float32_noise_floor"] = checker.float32_noise
+    return spec.with_info(verification=record)
 
 
 def verify_spec(spec: PermutationSpec, model: nn.Module, example_inputs=None, seed: int = 0) -> None:

@@ -13,6 +13,7 @@ This module imports no torch; its only file I/O is ``PermutationSpec.save`` / ``
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -102,6 +103,7 @@ class FrozenPart:
     size: int
     reason: str
     axes: tuple[AxisRef, ...]
+    location: str = ""  # where the tracer decided it ("node add_3 in layer1.0"); "" when unknown or by hand
 
 
 def tree_size(tree: Tree, sizes: dict[str, int]) -> int:
@@ -133,7 +135,7 @@ def _tree_members(tree: Tree, axis: AxisRef) -> Iterator[tuple[str, Member]]:
         yield g, Member(axis, plain)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PermutationSpec:
     """The verified permutation symmetry of a model.
 
@@ -180,7 +182,7 @@ class PermutationSpec:
         spec = cls(groups=groups, axes=axes, shapes={k: tuple(v) for k, v in shapes.items()},
                    frozen=list(frozen), aliases=dict(aliases or {}), info=dict(info or {}),
                    input_shapes=_input_shapes(input_shapes))
-        spec._graph = graph
+        object.__setattr__(spec, "_graph", graph)  # (frozen dataclass: the cache is set once, here or below)
         spec._check()
         return spec
 
@@ -225,8 +227,13 @@ class PermutationSpec:
                 for m in grp.members:
                     g.add_node(m.axis, kind="param")
                     g.add_edge(gid, m.axis)
-            self._graph = g
+            object.__setattr__(self, "_graph", g)
         return self._graph
+
+    def with_info(self, **entries: Any) -> PermutationSpec:
+        """A copy whose ``info`` also holds ``entries`` (a spec is not changed after it is built: the tracer
+        and verification add their records, such as ``timings`` and ``verification``, this way)."""
+        return dataclasses.replace(self, info={**self.info, **entries})
 
     def group_sizes(self) -> dict[str, int]:
         return {g: grp.size for g, grp in self.groups.items()}
@@ -304,8 +311,8 @@ class PermutationSpec:
                         **({"blocks": g.blocks} if g.blocks is not None else {})} for g in self.groups.values()],
             "axes": {k: list(v) for k, v in self.axes.items()},
             "shapes": {k: list(v) for k, v in self.shapes.items()},
-            "frozen": [{"size": f.size, "reason": f.reason, "axes": [str(a) for a in f.axes]}
-                       for f in self.frozen],
+            "frozen": [{"size": f.size, "reason": f.reason, "axes": [str(a) for a in f.axes],
+                        **({"location": f.location} if f.location else {})} for f in self.frozen],
             "aliases": dict(self.aliases),
             "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in self.input_shapes],
             "info": _jsonable(self.info),
@@ -403,7 +410,7 @@ class PermutationSpec:
         if self.frozen:
             by_reason: dict[str, list[FrozenPart]] = {}
             for f in self.frozen:
-                by_reason.setdefault(_base_reason(f.reason), []).append(f)
+                by_reason.setdefault(f.reason, []).append(f)
             expected = {k: v for k, v in by_reason.items() if k in EXPECTED_FROZEN}
             other = {k: v for k, v in by_reason.items() if k not in EXPECTED_FROZEN}
             lines.append("")
@@ -413,7 +420,7 @@ class PermutationSpec:
                     f"{k} ({len(v)})" for k, v in sorted(expected.items())))
             for reason, parts in other.items():
                 axes = sorted({str(a) for p in parts for a in p.axes})
-                wheres = sorted({_where(p.reason) for p in parts} - {""})
+                wheres = sorted({p.location for p in parts} - {""})
                 lines.append(f"  - {reason}: {len(parts)} part(s), {sum(p.size for p in parts)} units"
                              + (f" at {', '.join(wheres[:3])}" + (" ..." if len(wheres) > 3 else "")
                                 if wheres else "")
@@ -437,13 +444,14 @@ EXPECTED_FROZEN = {
 }
 
 
-def _base_reason(reason: str) -> str:
-    return reason.split(" (node ")[0].split(" (")[0] if reason.endswith(")") else reason
-
-
-def _where(reason: str) -> str:
+def _reason_and_location(f: dict) -> tuple[str, str]:
+    """A stored frozen part's reason and location. Files written before FrozenPart had a location carry it
+    at the end of the reason, as " (node ...)": only those are split."""
+    reason = f["reason"]
+    if "location" in f:
+        return reason, f["location"]
     i = reason.rfind(" (node ")
-    return reason[i + 2:-1] if i >= 0 else ""
+    return (reason[:i], reason[i + 2:-1]) if i >= 0 and reason.endswith(")") else (reason, "")
 
 
 def _match(key: str, pattern: str) -> bool:
@@ -471,8 +479,10 @@ def _from_dict(cls, d: Any, what: str) -> PermutationSpec:
                               f"{', '.join(map(str, _READABLE_VERSIONS))}; {redo}")
     try:
         sizes = {g["id"]: int(g["size"]) for g in d["groups"]}
-        frozen = [FrozenPart(int(f["size"]), f["reason"], tuple(_parse_axis(a) for a in f["axes"]))
-                  for f in d.get("frozen", [])]
+        frozen = []
+        for f in d.get("frozen", []):
+            reason, location = _reason_and_location(f)
+            frozen.append(FrozenPart(int(f["size"]), reason, tuple(_parse_axis(a) for a in f["axes"]), location))
         spec = cls.from_axes(d["axes"], {k: tuple(v) for k, v in d["shapes"].items()}, sizes, frozen,
                              d.get("aliases", {}), d.get("info", {}),
                              input_shapes=[(x["shape"], x["dtype"]) for x in d.get("inputs", [])],
