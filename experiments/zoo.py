@@ -22,9 +22,6 @@ import permgraph
 from .common import Context, fmt, md_table, mean_std, plt, save_figure
 from .store import read_json, write_json
 
-# the phases a model goes through; an error names the one it happened in
-PHASES = ("build", "trace", "train", "align", "barriers", "control")
-
 
 class _Failed(Exception):
     """An error in ``phase`` (carries the original exception)."""
@@ -43,14 +40,12 @@ def _error(phase: str, e: BaseException) -> dict[str, str]:
 
 
 class _Clock:
-    """Wall time of named phases, and which phase is running (for errors)."""
+    """Wall time of named phases; an error in one is raised as ``_Failed`` naming the phase."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
-        self.phase = ""
 
     def run(self, phase: str, fn, *args, key: str | None = None, **kw):
-        self.phase = phase
         t0 = time.perf_counter()
         try:
             out = fn(*args, **kw)
@@ -68,20 +63,11 @@ def model_context(ctx: Context, label: str) -> Context:
 
 
 def _coverage(spec: permgraph.PermutationSpec, model) -> dict[str, Any]:
-    shapes = spec.shapes
-    total = sum(_numel(s) for s in shapes.values())
-    perm = sum(_numel(shapes[k]) for k in spec.permutable_keys())
+    perm, total = spec.permutable_values()
     ver = spec.info.get("verification") or {}
     return {"permutable": perm / max(total, 1), "values": total, "groups": len(spec.groups),
             "units": sum(g.size for g in spec.groups.values()), "verification": ver.get("status", "not run"),
             "parameters": sum(p.numel() for p in model.parameters())}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def model_unit(ctx: Context, label: str) -> dict[str, Any]:

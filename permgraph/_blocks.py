@@ -90,8 +90,8 @@ def heads(sims: dict[str, torch.Tensor], nb: int, blocks: dict[str, int],
     head = assign(total)
     out = {}
     for g, c in choices.items():
-        out[g] = torch.from_numpy(np.concatenate([int(head[h]) * blocks[g] + c[h, int(head[h])]
-                                                  for h in range(nb)]))
+        hd = head.numpy()  # A head h takes B head hd[h], with that pair's inside assignment
+        out[g] = torch.from_numpy((hd[:, None] * blocks[g] + c[np.arange(nb), hd]).reshape(-1))
     for g, order in (keep or {}).items():
         out[g] = torch.cat([int(head[h]) * blocks[g] + order[int(head[h])] for h in range(nb)])
     return head, out

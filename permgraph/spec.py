@@ -241,6 +241,11 @@ class PermutationSpec:
     def permutable_keys(self) -> list[str]:
         return [k for k, trees in self.axes.items() if any(True for t in trees for _ in tree_groups(t))]
 
+    def permutable_values(self) -> tuple[int, int]:
+        """(values of the permutable tensors, values of all tensors) of the state dict: the coverage."""
+        total = sum(_numel(s) for s in self.shapes.values())
+        return sum(_numel(self.shapes[k]) for k in self.permutable_keys()), total
+
     def fingerprint(self) -> str:
         """A short hash of the spec's structure (keys, shapes, groups, axis trees)."""
         doc = {"axes": self.axes, "shapes": {k: list(v) for k, v in self.shapes.items()},
@@ -373,9 +378,8 @@ class PermutationSpec:
     # ------------------------------------------------------------------ report
     def report(self, max_groups: int = 60) -> str:
         """A readable coverage report: permutable vs frozen parameters, groups, frozen parts."""
-        total = sum(_numel(s) for s in self.shapes.values())
+        perm, total = self.permutable_values()
         perm_keys = set(self.permutable_keys())
-        perm = sum(_numel(self.shapes[k]) for k in perm_keys)
         lines = []
         title = self.info.get("model", "model")
         lines.append(f"permgraph coverage report: {title}")
