@@ -287,12 +287,13 @@ class Context:
             data = self.data  # loaded before the training's clock starts
             t0 = time.perf_counter()
             with self.fork_rng(), self.tracker.training(desc, t.epochs) as callbacks:
-                out = permgraph.train(lambda: self.create(**override), data, epochs=t.epochs,
-                                      batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr,
-                                      momentum=t.momentum, weight_decay=t.weight_decay, schedule=t.schedule,
-                                      warmup=t.warmup, milestones=t.milestones, gamma=t.gamma, init_seed=seed,
-                                      data_seed=seed, checkpoints=ckpts, checkpoint_dir=str(d),
-                                      progress=self.progress, device=self.device, callbacks=callbacks)
+                config = permgraph.TrainConfig(
+                    epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
+                    weight_decay=t.weight_decay, schedule=t.schedule, warmup=t.warmup, milestones=t.milestones,
+                    gamma=t.gamma, checkpoints=ckpts)
+                out = permgraph.train(lambda: self.create(**override), data, config, init_seed=seed, data_seed=seed,
+                                      checkpoint_dir=str(d), progress=self.progress, device=self.device,
+                                      callbacks=callbacks)
             self.tracker.found(d)
             # how long it took, for reports (not part of any results.json)
             write_json(d / "time.json", {"seconds": round(time.perf_counter() - t0, 3), "device": str(self.device),

@@ -40,6 +40,7 @@ from .spec import AxisRef as AxisRef
 from .spec import FrozenPart as FrozenPart
 from .spec import Group as Group
 from .spec import PermutationSpec as PermutationSpec
+from .training import TrainConfig as TrainConfig
 from .training import TrainResult as TrainResult
 from .training import train as train
 
@@ -47,6 +48,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Alignment", "AxisRef", "BarrierCurve", "EquivalenceResult", "FileFormatError", "FrozenPart", "Group", "Mask", "Permutation", "PermgraphError",
-    "PermutationSpec", "SpecMismatchError", "TraceError", "TrainResult", "UnknownNameError", "VerificationError", "align", "apply", "barrier", "check_equivalence",
+    "PermutationSpec", "SpecMismatchError", "TraceError", "TrainConfig", "TrainResult", "UnknownNameError", "VerificationError", "align", "apply", "barrier", "check_equivalence",
     "compose", "data", "evaluate", "identity", "identity_alignment", "imp", "interpolate", "inverse", "models", "prune", "random_permutation", "reset_bn", "trace", "train", "transfer_mask",
 ]

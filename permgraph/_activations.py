@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import _blocks
+from ._progress import progress_bar
 from ._solver import assign
 from .errors import SpecMismatchError
 from .permutation import Permutation
@@ -70,7 +71,9 @@ class _Template:
     """
 
     def __init__(self, spec: PermutationSpec, a: nn.Module, x: torch.Tensor):
-        from ._trace import Propagator, _tied_keys, _tree, apply_nest, export, nest_plan
+        from ._build import _tree, apply_nest, nest_plan
+        from ._trace import _tied_keys, export
+        from ._walk import Propagator
 
         ep = export(a, (x,))
         prop = Propagator(ep, _tied_keys(a))
@@ -586,14 +589,7 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
     moments: dict[str, _TapMoments] = {}
     pool: dict = {}
     seen = 0
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=num_samples, desc="activation matching (inputs)", leave=False, unit="ex", disable=None)
-        except ImportError:
-            bar = None
+    bar = progress_bar(progress, num_samples, "activation matching (inputs)", unit="ex")
     slots: dict[str, list[tuple[str, int, int]]] = {}
 
     def consume(name: str, ta: torch.Tensor, tb: torch.Tensor) -> None:

@@ -4,7 +4,7 @@ A rule receives the propagation context and the fx node, and returns the label o
 a tuple of atom ids (one per dimension) for a tensor, a list of labels for a tuple/list of tensors, or
 None for a non-tensor. Rules *unify* atoms that the op couples, *refine* atoms whose structure the op
 reveals (reshape, concatenation, grouped convolution), and *freeze* atoms whose order the op depends on.
-An op without a rule freezes everything it touches (see ``_trace.Propagator.unknown``).
+An op without a rule freezes everything it touches (see ``_walk.Propagator.unknown``).
 """
 
 from __future__ import annotations

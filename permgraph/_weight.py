@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import _blocks
+from ._progress import progress_bar
 from ._solver import assign, confidence, confidences, margins
 from .errors import SpecMismatchError
 from .permutation import Permutation, axis_index
@@ -335,7 +336,7 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         log: list[dict[str, Any]] = []
         diag: dict[str, dict[str, Any]] = {g: {"similarity_before": before[g], "changes": 0,
                                                "last_changed_sweep": 0} for g in todo}
-        bar = _bar(progress, max_iter, f"weight matching ({label} start, sweeps)")
+        bar = progress_bar(progress, max_iter, f"weight matching ({label} start, sweeps)")
         sweeps = 0
         last_plain: dict[str, float] = {}  # plain similarity at each group's last visit
         last_sim: dict[str, torch.Tensor] = {}  # and its matrix (kept for the margins: no recomputation)
@@ -593,13 +594,3 @@ def _head_certainty(head: torch.Tensor, own: torch.Tensor | None,
         bs = len(p) // nb
         total = total + _blocks.fixed_scores(s, _blocks.inside_order(p, head, bs), nb, bs)
     return _certainty(total, head)
-
-
-def _bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, disable=None)

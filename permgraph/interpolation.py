@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._eval import evaluate
+from ._progress import progress_bar
 from .errors import SpecMismatchError
 
 METRICS = ("loss", "error")
@@ -413,14 +414,7 @@ def barrier(a: nn.Module, b, loader: Iterable, *, alphas: int | Sequence[float] 
         base_state = {k: v for k, v in work.state_dict().items()}
         has_bias = {n: m.bias is not None for n, m in work.named_modules() if n in layers}
     values: dict[str, list[float]] = {m: [] for m in metrics}
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(grid), desc=f"barrier (bn={mode})", leave=False, disable=None)
-        except ImportError:
-            bar = None
+    bar = progress_bar(progress, len(grid), f"barrier (bn={mode})")
     buf: dict[str, torch.Tensor] = {}
     for alpha in grid:
         _lerp_into(buf, sa, sb, alpha, mask)

@@ -11,6 +11,7 @@ checkpoint to the same result as an uninterrupted run. The resumable state is on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._eval import evaluate
+from ._progress import progress_bar
 from .data import Data
 from .errors import FileFormatError
 from .io import atomic_text as _atomic_text
@@ -291,15 +293,170 @@ def apply_mask_(model: nn.Module, mask: Mapping[str, torch.Tensor] | None) -> No
             params[k].mul_(m.to(params[k].device, params[k].dtype))
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """The schedule of a training run: its length, batch size, optimizer, learning rates, checkpoints and
+    evaluation. With the model, the data, the seeds and the mask it decides the weights a run ends with.
+
+    ``train(model, data, config)`` uses it; keyword arguments of ``train`` with these names override its
+    fields (``train(model, data, epochs=10, lr=0.05)`` builds one). ``config.replace(lr=0.01)`` gives a
+    changed copy.
+
+    Attributes:
+        epochs / steps: length of training (give one). ``warmup`` and ``milestones`` are in optimizer steps
+            when ``steps`` is given, in epochs otherwise.
+        batch_size: training batch size (the last batch of an epoch may be smaller).
+        optimizer: "sgd" (with ``momentum``), "adam" or "adamw"; ``weight_decay`` applies to all three.
+        lr, schedule, warmup, milestones, gamma: the learning rate ``lr`` follows ``schedule`` ("step": x
+            ``gamma`` at each milestone, "cosine" or "constant") after a linear warm-up of ``warmup`` units.
+        checkpoints: when to keep the weights, in ``checkpoint_unit`` = "epoch" or "step" (0 = the initial
+            weights).
+        eval_every: evaluate on the test split every this many epochs (and after the last; 0 = never).
+        eval_subset: evaluate on the first this many test examples only (None = all).
+    """
+
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    warmup: int = 0
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    checkpoints: tuple[int, ...] = ()
+    checkpoint_unit: str = "epoch"
+    eval_every: int = 1
+    eval_subset: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        object.__setattr__(self, "checkpoints", tuple(sorted({int(c) for c in self.checkpoints})))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` (field names of TrainConfig; another name is a TypeError)."""
+        unknown = sorted(set(changes) - _CONFIG_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown training setting(s) {unknown}; TrainConfig has {sorted(_CONFIG_FIELDS)}")
+        return dataclasses.replace(self, **changes)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid setting."""
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs= or steps=")
+        for name in ("epochs" if self.steps is None else "steps", "batch_size"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.schedule not in ("step", "cosine", "constant"):
+            raise ValueError(f"schedule must be 'constant', 'step' or 'cosine', got {self.schedule!r}")
+        if self.checkpoint_unit not in ("epoch", "step"):
+            raise ValueError(f"checkpoint_unit must be 'epoch' or 'step', got {self.checkpoint_unit!r}")
+
+
+def _positive_int(v) -> bool:
+    try:
+        return not isinstance(v, bool) and operator.index(v) >= 1  # ints, NumPy ints; not floats
+    except TypeError:
+        return False
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+@dataclass(frozen=True)
+class _Steps:
+    """A config's schedule in optimizer steps, for a training set of ``n_train`` examples."""
+
+    per_epoch: int
+    total: int
+    warmup: int
+    milestones: tuple[int, ...]
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, n_train: int) -> _Steps:
+        per_epoch = math.ceil(n_train / cfg.batch_size)
+        unit = 1 if cfg.steps is not None else per_epoch
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+        return cls(per_epoch, total, cfg.warmup * unit, tuple(m * unit for m in cfg.milestones))
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total / self.per_epoch)
+
+    def lr(self, cfg: TrainConfig, step: int) -> float:
+        return lr_at(step, self.total, cfg.lr, cfg.schedule, self.warmup, self.milestones, cfg.gamma)
+
+    def start(self, start_step) -> int:
+        """``start_step`` checked against the run: an int in 0..total."""
+        try:
+            if isinstance(start_step, bool):
+                raise TypeError
+            start_step = operator.index(start_step)  # ints, NumPy ints; not floats
+        except TypeError:
+            start_step = None
+        if start_step is None or not 0 <= start_step <= self.total:
+            raise ValueError(f"start_step must be an int in 0..{self.total} (the run's steps), got {start_step!r}")
+        return start_step
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _checked_mask(model: nn.Module, mask, dev: torch.device) -> dict[str, torch.Tensor]:
+    mask = {k: v.to(dev, torch.bool) for k, v in (mask or {}).items()}
+    params = dict(model.named_parameters())
+    unknown = [k for k in mask if k not in params]
+    if unknown:
+        raise ValueError(f"mask names tensors that are not parameters of the model: {unknown[:3]}")
+    for k, m in mask.items():
+        if m.shape != params[k].shape:
+            raise ValueError(f"mask for {k} has shape {tuple(m.shape)}, the weight {tuple(params[k].shape)}")
+    return mask
+
+
+class _Checkpoints:
+    """The checkpoints a run keeps: files in ``directory``, or state dicts in memory without one."""
+
+    def __init__(self, cfg: TrainConfig, steps: _Steps, start_step: int, directory: str | None):
+        self.unit, self.wanted, self.directory = cfg.checkpoint_unit, cfg.checkpoints, directory
+        limit = steps.epochs if self.unit == "epoch" else steps.total
+        first = start_step if self.unit == "step" else -(-start_step // steps.per_epoch)  # first reachable unit
+        bad = [c for c in self.wanted if c < first or c > limit]
+        if bad:
+            raise ValueError(f"checkpoints {bad} are outside the run ({first}..{limit} {self.unit}s"
+                             + (f": it starts at step {start_step}" if start_step else "") + ")")
+        self.saved: dict[int, str] = {}  # unit index -> file name in directory
+        self.in_memory: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(self, index: int, model: nn.Module) -> None:
+        """Keep the weights as checkpoint ``index`` of the unit, if it is one and not kept yet."""
+        if index not in self.wanted or index in self.saved or index in self.in_memory:
+            return
+        if self.directory:
+            name = f"ckpt_{self.unit}{index}.safetensors"
+            save_state_dict(model.state_dict(), os.path.join(self.directory, name))
+            self.saved[index] = name
+        else:  # nothing is written unless asked: keep the weights in memory
+            self.in_memory[index] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def paths(self) -> dict[int, str]:
+        return {k: os.path.join(self.directory, v) for k, v in self.saved.items()} if self.directory else {}
+
+
 @_keeps_global_rng
-def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int | None = None,
-          steps: int | None = None, batch_size: int = 128, optimizer: str = "sgd", lr: float = 0.1,
-          momentum: float = 0.9, weight_decay: float = 5e-4, schedule: str = "step", warmup: int = 0,
-          milestones: Iterable[int] = (), gamma: float = 0.1, init_seed: int | None = None, data_seed: int = 0,
-          checkpoints: Iterable[int] = (), checkpoint_unit: str = "epoch", checkpoint_dir: str | None = None,
+def train(model: nn.Module | Callable[[], nn.Module], data: Data, config: TrainConfig | None = None, *,
+          init_seed: int | None = None, data_seed: int = 0, checkpoint_dir: str | None = None,
           mask: Mapping[str, torch.Tensor] | None = None, init_state: Mapping[str, torch.Tensor] | None = None,
-          callbacks: Iterable[Callback] = (), eval_every: int = 1, eval_subset: int | None = None,
-          progress: bool = True, device=None, resume: bool = True, start_step: int = 0) -> TrainResult:
+          callbacks: Iterable[Callback] = (), progress: bool = True, device=None, resume: bool = True,
+          start_step: int = 0, **settings: Any) -> TrainResult:
     """Train ``model`` (or build it from a factory with ``init_seed``) on ``data``.
 
     The global torch generators (CPU, and CUDA's once in use) are forked for the run: seeding, building
@@ -307,15 +464,14 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
     called without ``init_seed`` builds the same weights on every call until the caller draws or seeds.
 
     Args:
-        epochs / steps: length of training (give one). ``warmup``, ``milestones`` are in optimizer steps
-            when ``steps`` is given, in epochs otherwise.
-        schedule: "step" (x ``gamma`` at each milestone), "cosine" or "constant", after linear warm-up.
+        config: the schedule (a ``TrainConfig``: length, batch size, optimizer, learning rates,
+            checkpoints, evaluation). ``**settings`` are fields of TrainConfig that override it, so
+            ``train(model, data, epochs=10, lr=0.05)`` works without one.
         init_seed: the factory is called after ``torch.manual_seed(init_seed)`` (ignored for a module).
             ``data_seed`` alone fixes the order of the training data (the two are independent).
-        checkpoints: when to save weights (in ``checkpoint_unit`` = "epoch" or "step"; 0 = the initial
-            weights). Saved as ``checkpoint_dir/ckpt_{unit}{n}.safetensors``.
-        checkpoint_dir: where checkpoints, the resumable state (``last.safetensors``, rewritten after
-            every epoch) and the metrics log (``metrics.jsonl``) go. Without it nothing is written.
+        checkpoint_dir: where checkpoints (``ckpt_{unit}{n}.safetensors``), the resumable state
+            (``last.safetensors``, rewritten after every epoch) and the metrics log (``metrics.jsonl``) go.
+            Without it nothing is written, and checkpoints stay in memory.
         mask: state-dict key -> bool tensor; masked weights are zero at the start and stay exactly zero
             through every step (gradients and momentum are masked too).
         init_state: load these weights before training (e.g. an IMP rewind point).
@@ -341,15 +497,20 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
         ``start_step`` plus the steps taken).
 
     Raises:
+        TypeError: a keyword argument that is neither an argument of train nor a TrainConfig field.
         ValueError: invalid settings, or a mask that does not fit the model.
         FileFormatError: ``last.safetensors`` is truncated, not a permgraph training state, or the state
             of another model, optimizer or ``start_step`` (the message names the file; delete it to
             restart).
     """
-    if (epochs is None) == (steps is None):
-        raise ValueError("give exactly one of epochs= or steps=")
-    if checkpoint_unit not in ("epoch", "step"):
-        raise ValueError(f"checkpoint_unit must be 'epoch' or 'step', got {checkpoint_unit!r}")
+    unknown = sorted(set(settings) - _CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"train() got unexpected keyword argument(s) {unknown}; the training settings are "
+                        f"{sorted(_CONFIG_FIELDS)} (TrainConfig fields)")
+    cfg = (config or TrainConfig()).replace(**settings)
+    cfg.check()
+    steps = _Steps.of(cfg, len(data.train))
+    start_step = steps.start(start_step)
     if not isinstance(model, nn.Module):
         if init_seed is not None:
             torch.manual_seed(init_seed)
@@ -358,49 +519,12 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
     model.to(dev)
     if init_state is not None:
         model.load_state_dict(init_state)
-    mask = {k: v.to(dev, torch.bool) for k, v in (mask or {}).items()}
-    params = dict(model.named_parameters())
-    unknown = [k for k in mask if k not in params]
-    if unknown:
-        raise ValueError(f"mask names tensors that are not parameters of the model: {unknown[:3]}")
-    for k, m in mask.items():
-        if m.shape != params[k].shape:
-            raise ValueError(f"mask for {k} has shape {tuple(m.shape)}, the weight {tuple(params[k].shape)}")
+    mask = _checked_mask(model, mask, dev)
     apply_mask_(model, mask)
+    ckpts = _Checkpoints(cfg, steps, start_step, checkpoint_dir)
+    opt = _optimizer(model, cfg)
 
-    n_train = len(data.train)
-    per_epoch = math.ceil(n_train / batch_size)
-    total = steps if steps is not None else epochs * per_epoch
-    unit_steps = 1 if steps is not None else per_epoch
-    warm = warmup * unit_steps
-    miles = [m * unit_steps for m in milestones]
-    n_epochs = math.ceil(total / per_epoch)
-    try:
-        if isinstance(start_step, bool):
-            raise TypeError
-        start_step = operator.index(start_step)  # ints, NumPy ints; not floats
-    except TypeError:
-        raise ValueError(f"start_step must be an int in 0..{total} (the run's steps), got {start_step!r}") from None
-    if not 0 <= start_step <= total:
-        raise ValueError(f"start_step must be an int in 0..{total} (the run's steps), got {start_step!r}")
-    ckpts = sorted({int(c) for c in checkpoints})
-    limit = (n_epochs if checkpoint_unit == "epoch" else total)
-    first = start_step if checkpoint_unit == "step" else -(-start_step // per_epoch)  # first reachable unit
-    bad = [c for c in ckpts if c < first or c > limit]
-    if bad:
-        raise ValueError(f"checkpoints {bad} are outside the run ({first}..{limit} {checkpoint_unit}s"
-                         + (f": it starts at step {start_step}" if start_step else "") + ")")
-
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    elif optimizer == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
-
-    step, history, saved = start_step, [], {}
+    step, history = start_step, []
     last = os.path.join(checkpoint_dir, STATE_FILE) if checkpoint_dir else None
     if resume and checkpoint_dir:
         pickled = os.path.join(checkpoint_dir, _PICKLED_STATE_FILE)
@@ -410,92 +534,74 @@ def train(model: nn.Module | Callable[[], nn.Module], data: Data, *, epochs: int
                           f"(unpickling can run code), and training {then}. Delete it to silence this warning.",
                           stacklevel=3)  # 3: the caller of train, past the _keeps_global_rng wrapper
         if os.path.exists(last):
-            step, history, saved = _load_train_state(last, model, opt, dev, start_step)
-
-    def ckpt_path(n: int) -> str:
-        return os.path.join(checkpoint_dir, f"ckpt_{checkpoint_unit}{n}.safetensors")
-
-    in_memory: dict[int, dict[str, torch.Tensor]] = {}
-
-    def maybe_checkpoint(unit_index: int) -> None:
-        if unit_index not in ckpts or unit_index in saved or unit_index in in_memory:
-            return
-        if checkpoint_dir:
-            save_state_dict(model.state_dict(), ckpt_path(unit_index))
-            saved[unit_index] = os.path.basename(ckpt_path(unit_index))
-        else:  # nothing is written unless asked: keep the weights in memory
-            in_memory[unit_index] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-    def save_last() -> None:
-        if last:
-            _save_train_state(last, model, opt, dev, step, history, saved, start_step)
+            step, history, ckpts.saved = _load_train_state(last, model, opt, dev, start_step)
 
     log_path = os.path.join(checkpoint_dir, "metrics.jsonl") if checkpoint_dir else None
-    eval_loader = data.loader("test", 512, shuffle=False, subset=eval_subset)
-    if checkpoint_unit == "step":  # the starting weights, when the start is a checkpoint unit
-        maybe_checkpoint(start_step)
-    elif start_step % per_epoch == 0:
-        maybe_checkpoint(start_step // per_epoch)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=step, desc="training", unit="step", leave=False, disable=None)
-        except ImportError:
-            bar = None
+    eval_loader = data.loader("test", 512, shuffle=False, subset=cfg.eval_subset)
+    if cfg.checkpoint_unit == "step":  # the starting weights, when the start is a checkpoint unit
+        ckpts.keep(start_step, model)
+    elif start_step % steps.per_epoch == 0:
+        ckpts.keep(start_step // steps.per_epoch, model)
+    bar = progress_bar(progress, steps.total, "training", initial=step, unit="step")
     model.train()
-    while step < total:
-        epoch = step // per_epoch
-        gen = torch.Generator().manual_seed(data_seed * 100_003 + epoch)
-        order = torch.randperm(n_train, generator=gen)
-        start = step - epoch * per_epoch
-        run_loss, run_wrong, run_n = 0.0, 0, 0
-        for b in range(start, per_epoch):
-            if step >= total:
-                break
-            idx = order[b * batch_size:(b + 1) * batch_size]
-            x, y = _batch(data.train, idx)
-            x, y = x.to(dev), y.to(dev)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, lr, schedule, warm, miles, gamma)
-            opt.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            if mask:
-                for k, m in mask.items():
-                    if params[k].grad is not None:
-                        params[k].grad.mul_(m)
-            opt.step()
-            apply_mask_(model, mask)
-            step += 1
-            run_loss += float(loss.detach()) * len(y)
-            run_wrong += int((out.argmax(1) != y).sum())
-            run_n += len(y)
-            if bar is not None:
-                bar.update(1)
-            if checkpoint_unit == "step":
-                maybe_checkpoint(step)
-        done_epoch = step % per_epoch == 0 or step >= total
-        if done_epoch:
-            e = epoch + 1
-            rec = {"epoch": e, "step": step, "lr": opt.param_groups[0]["lr"],
-                   "train_loss": run_loss / max(run_n, 1), "train_error": run_wrong / max(run_n, 1)}
-            if eval_every and (e % eval_every == 0 or step >= total):
-                ev = evaluate(model, eval_loader, dev)
-                model.train()
-                rec.update({"test_loss": ev["loss"], "test_error": ev["error"]})
-            history.append(rec)
-            if checkpoint_unit == "epoch":
-                maybe_checkpoint(e)
-            save_last()
-            if log_path:  # rewritten whole from the saved history, so a resumed run logs each epoch once
-                _atomic_text("".join(json.dumps(r) + "\n" for r in history), log_path)
-            for cb in callbacks:
-                cb({"event": "epoch_end", "epoch": e, "step": step, "model": model, "metrics": rec})
+    while step < steps.total:
+        epoch = step // steps.per_epoch
+        # the rest of the epoch (all of it, but for a start_step inside it), or up to the end of training
+        step, rec = _train_epoch(model, opt, data.train, cfg, steps, step, data_seed, mask, dev, bar, ckpts)
+        e = epoch + 1
+        rec = {"epoch": e, "step": step, "lr": opt.param_groups[0]["lr"], **rec}
+        if cfg.eval_every and (e % cfg.eval_every == 0 or step >= steps.total):
+            ev = evaluate(model, eval_loader, dev)
+            model.train()
+            rec.update({"test_loss": ev["loss"], "test_error": ev["error"]})
+        history.append(rec)
+        if cfg.checkpoint_unit == "epoch":
+            ckpts.keep(e, model)
+        if last:
+            _save_train_state(last, model, opt, dev, step, history, ckpts.saved, start_step)
+        if log_path:  # rewritten whole from the saved history, so a resumed run logs each epoch once
+            _atomic_text("".join(json.dumps(r) + "\n" for r in history), log_path)
+        for cb in callbacks:
+            cb({"event": "epoch_end", "epoch": e, "step": step, "model": model, "metrics": rec})
     if bar is not None:
         bar.close()
     model.eval()
-    paths = {k: os.path.join(checkpoint_dir, v) for k, v in saved.items()} if checkpoint_dir else {}
-    return TrainResult(model=model, history=history, checkpoints=paths, checkpoint_states=in_memory, steps=step)
+    return TrainResult(model=model, history=history, checkpoints=ckpts.paths(), checkpoint_states=ckpts.in_memory,
+                       steps=step)
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train_set, cfg: TrainConfig, steps: _Steps,
+                 step: int, data_seed: int, mask: Mapping[str, torch.Tensor], dev: torch.device, bar,
+                 ckpts: _Checkpoints) -> tuple[int, dict[str, float]]:
+    """Run the rest of the epoch that ``step`` lies in (to the end of training at most); return the step
+    reached and the epoch's training loss and error (over the steps run here)."""
+    params = dict(model.named_parameters())
+    epoch = step // steps.per_epoch
+    gen = torch.Generator().manual_seed(data_seed * 100_003 + epoch)
+    order = torch.randperm(len(train_set), generator=gen)
+    run_loss, run_wrong, run_n = 0.0, 0, 0
+    for b in range(step - epoch * steps.per_epoch, steps.per_epoch):
+        if step >= steps.total:
+            break
+        x, y = _batch(train_set, order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+        x, y = x.to(dev), y.to(dev)
+        for g in opt.param_groups:
+            g["lr"] = steps.lr(cfg, step)
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        for k, m in mask.items():
+            if params[k].grad is not None:
+                params[k].grad.mul_(m)
+        opt.step()
+        apply_mask_(model, mask)
+        step += 1
+        run_loss += float(loss.detach()) * len(y)
+        run_wrong += int((out.argmax(1) != y).sum())
+        run_n += len(y)
+        if bar is not None:
+            bar.update(1)
+        if cfg.checkpoint_unit == "step":
+            ckpts.keep(step, model)
+    return step, {"train_loss": run_loss / max(run_n, 1), "train_error": run_wrong / max(run_n, 1)}

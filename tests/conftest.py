@@ -121,8 +121,8 @@ def _leaves_global_state_as_found(request):
 def _strict_rules():
     """A rule that raises anything but StructureError is a bug: in the tests it fails loudly (RuleError)
     instead of freezing the op (what users get, with a RuleWarning)."""
-    from permgraph import _trace
+    from permgraph import _walk
 
-    before, _trace.STRICT_RULES = _trace.STRICT_RULES, True
+    before, _walk.STRICT_RULES = _walk.STRICT_RULES, True
     yield
-    _trace.STRICT_RULES = before
+    _walk.STRICT_RULES = before

@@ -88,6 +88,30 @@ def test_init_seed_and_data_seed_are_independent():
     assert not torch.equal(a["layers.0.weight"], b["layers.0.weight"])
 
 
+def test_a_train_config_and_keyword_settings_give_the_same_run():
+    d = data.get("digits")
+    config = permgraph.TrainConfig(epochs=1, lr=0.05, batch_size=64, schedule="cosine", checkpoints=[1, 0])
+    assert config.checkpoints == (0, 1) and config.replace(lr=0.01).lr == 0.01 and config.lr == 0.05
+    a = permgraph.train(_mlp, d, config, init_seed=0, progress=False)
+    b = permgraph.train(_mlp, d, epochs=1, lr=0.05, batch_size=64, schedule="cosine", checkpoints=[0, 1],
+                        init_seed=0, progress=False)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and a.history == b.history
+    assert sorted(a.checkpoint_states) == [0, 1]
+    # a keyword overrides the config's field; the config itself is unchanged
+    c = permgraph.train(_mlp, d, config, lr=0.01, init_seed=0, progress=False)
+    assert c.history[0]["train_loss"] != a.history[0]["train_loss"] and config.lr == 0.05
+    with pytest.raises(TypeError, match="epochz.*TrainConfig"):
+        permgraph.train(_mlp, d, epochz=1, progress=False)
+    with pytest.raises(TypeError, match="unknown training setting"):
+        config.replace(learning_rate=0.1)
+    for bad, match in [(dict(epochs=0), "epochs must be a positive int"), (dict(epochs=1, steps=5), "exactly one"),
+                       (dict(epochs=1, batch_size=0.5), "batch_size"), (dict(epochs=1, optimizer="lion"), "optimizer"),
+                       (dict(epochs=1, schedule="linear"), "schedule")]:
+        with pytest.raises(ValueError, match=match):
+            permgraph.train(_mlp, d, progress=False, **bad)
+
+
 class _Stop(Exception):
     """Stands for a crash or a kill."""
 

@@ -73,8 +73,9 @@ def test_no_import_cycles_and_the_spec_is_the_bottom_layer():
     cycles = list(nx.simple_cycles(g))
     assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles[:5]]}"
     p = "permgraph."
-    assert set(g.successors(p + "spec")) <= {p + "errors"}
-    order = ["spec", "permutation", "_verify", "_trace", "_weight", "_activations", "alignment", "interpolation",
+    assert set(g.successors(p + "spec")) <= {p + "errors", p + "_report"}
+    assert not set(g.successors(p + "_report"))  # presentation only: a leaf
+    order = ["spec", "permutation", "_verify", "_labels", "_walk", "_build", "_trace", "_weight", "_activations", "alignment", "interpolation",
              "prune"]
     for i, lower in enumerate(order):  # nothing reaches up the stack
         for upper in order[i + 1:]:
@@ -87,19 +88,19 @@ def test_a_failing_rule_is_loud_in_strict_mode_and_frozen_with_a_warning_otherwi
     import torch
 
     import permgraph
-    from permgraph import _trace
+    from permgraph import _walk
 
-    orig = _trace.lookup
+    orig = _walk.lookup
 
     def boom(cx, node):
         raise TypeError("a bug in the rule")
 
-    monkeypatch.setattr(_trace, "lookup", lambda t: boom if "relu" in str(t) else orig(t))
+    monkeypatch.setattr(_walk, "lookup", lambda t: boom if "relu" in str(t) else orig(t))
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     x = (torch.randn(3, 4),)
-    with pytest.raises(_trace.RuleError, match="permgraph's rule for .*relu.* failed .*TypeError: a bug in the rule"):
+    with pytest.raises(_walk.RuleError, match="permgraph's rule for .*relu.* failed .*TypeError: a bug in the rule"):
         permgraph.trace(model, x)  # the test suite runs in strict mode (conftest)
-    monkeypatch.setattr(_trace, "STRICT_RULES", False)
-    with pytest.warns(_trace.RuleWarning, match="please report it"):
+    monkeypatch.setattr(_walk, "STRICT_RULES", False)
+    with pytest.warns(_walk.RuleWarning, match="please report it"):
         spec = permgraph.trace(model, x)
     assert len(spec.groups) == 0 and spec.info["verification"]["status"] == "passed"  # frozen, still correct
