@@ -113,6 +113,31 @@ def _wrong(al, perm) -> int:
     return sum(int((al.perm[g] != inv[g]).sum()) for g in inv)
 
 
+def _inner(a: dict, b: dict) -> float:
+    """Weight matching's objective: the sum of <A_k, B_k> over the tensors it reads (not running statistics)."""
+    skip = ("running_mean", "running_var", "num_batches_tracked")
+    return sum(float((a[k].double() * b[k].double()).sum()) for k in a
+               if a[k].is_floating_point() and not k.endswith(skip))
+
+
+def _explain(method, a, b, spec, perm, al, kw) -> dict:
+    """Whether a miss is the solver's or the objective's: the planted assignment's score against the one
+    found, under the same statistics. Weight matching: the objective of each. Activation matching: B put back
+    into A's order is matched again (the statistics are equivariant, so the same assignment is found, now
+    against the identity); the groups whose planted assignment scores above the found one are solver misses."""
+    back = permgraph.apply(b, spec, permgraph.inverse(perm))  # B in A's order: the planted assignment
+    sa = a.state_dict()
+    if method == "weight":
+        found = _inner(sa, al.apply(b).state_dict())
+        planted = _inner(sa, back.state_dict())
+        return {"objective_found_minus_planted": round(found - planted, 4)}
+    again = permgraph.align(a, back, method, spec=spec, progress=False, **kw)
+    lost = [g for g, d in again.groups.items() if "similarity_before" in d
+            and d["similarity_before"] > d["similarity_after"] + 1e-6]
+    moved = sum(int((again.perm[g] != torch.arange(len(again.perm[g]))).sum()) for g in again.perm)
+    return {"groups_planted_scores_higher": lost, "wrong_in_a_order": moved}
+
+
 def run_model(build, shape, conditions, methods) -> dict:
     torch.manual_seed(0)
     a0 = build().eval()
@@ -138,6 +163,8 @@ def run_model(build, shape, conditions, methods) -> dict:
             kw = {"loader": loader} if method == "activation" else {}
             al = permgraph.align(a, b, method, spec=spec, progress=False, **kw)
             row[method] = {"wrong": _wrong(al, perm), "s": round(time.perf_counter() - t, 2)}
+            if row[method]["wrong"]:
+                row[method].update(_explain(method, a, b, spec, perm, al, kw))
         out["conditions"][cond] = row
     return out
 

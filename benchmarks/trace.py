@@ -49,7 +49,8 @@ TARGET_MAX_PARAMS = 100_000_000
 CNN = (2, 3, 64, 64)
 IMG224 = (2, 3, 224, 224)
 
-# name -> (create() keyword arguments, input shape or None for example_inputs_for)
+# name -> (create() keyword arguments or a function that builds the model, input shape or None for
+# example_inputs_for)
 MODELS: dict[str, tuple[dict, tuple[int, ...] | None]] = {
     "mlp": ({}, None),
     "vgg16": ({}, CNN),
@@ -73,7 +74,34 @@ MODELS: dict[str, tuple[dict, tuple[int, ...] | None]] = {
     "timm:regnetx_002": ({}, CNN),
     "timm:mixer_s16_224": ({}, IMG224),
     "timm:resnet26d": ({}, CNN),
+    # weight standardisation (ScaledStdConv2d); nfnet_f0 has 71M parameters
+    "timm:test_nfnet": ({}, CNN),
+    "timm:nf_regnet_b0": ({}, CNN),
+    "timm:nfnet_f0": ({}, CNN),
+    # LSTMs over the rows and columns of the feature map
+    "timm:sequencer2d_s/1-block-stages": (lambda: create("timm:sequencer2d_s", layers=(1, 1, 1, 1)), CNN),
+    "timm:sequencer2d_s": ({}, CNN),
+    # recurrent layers alone: a bidirectional 2-layer LSTM over 16 steps of 32 features, then a classifier
+    "lstm-classifier": (lambda: _LSTMClassifier(), (2, 16, 32)),
+    # Hugging Face transformers from small random configs (token ids 2 x 16); GQA and rotary in Llama
+    "hf:GPT2LMHeadModel": ({"n_layer": 4, "n_embd": 64, "n_head": 4, "vocab_size": 100, "n_positions": 32}, None),
+    "hf:BertForMaskedLM": ({"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+                            "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 32}, None),
+    "hf:LlamaForCausalLM": ({"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 100,
+                             "max_position_embeddings": 32}, None),
 }
+
+
+class _LSTMClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(32, 64, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = torch.nn.Linear(128, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
 
 
 @dataclass
@@ -131,7 +159,7 @@ def resolve_names(spec: str | None) -> list[str]:
 def build(name: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     kw, shape = MODELS[name]
     torch.manual_seed(0)
-    model = create(name, **kw).eval()
+    model = (kw() if callable(kw) else create(name, **kw)).eval()
     if shape is None:
         inputs = example_inputs_for(model)
     else:

@@ -208,6 +208,11 @@ def _slices(t: torch.Tensor, m: _Member) -> torch.Tensor:
     return x.reshape(n, -1)
 
 
+AUTO_MARGIN = 0.01
+"""``start="auto"``: the relative amount by which the anchored start must already score above the identity
+run's end for a second descent to run from it (docs/alignment.md, "Where coordinate descent starts")."""
+
+
 def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
                     max_iter: int = 100, seed: int = 0, include: list[str] | None = None,
                     exclude: Iterable[str] = (), include_stats: bool = False, prune_fraction: float = 0.0,
@@ -482,23 +487,30 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     diag, log = descend("identity" if init is None and start != "anchored" else
                         ("anchored" if init is None else "init"))
     if start == "auto" and init is None and free_units is None and groups is None and log:
-        # Descent from the identity can stall with a whole group never moved: on freshly initialised
-        # transformers (LayerNorm affines all ones / zeros) only the stem and head tell the residual
-        # stream's order, the first sweep fits every block to its identity order, and that fit then
-        # outscores the true order. A group of independent networks that coordinate descent never moves
-        # is that symptom (the identity is the best order of n units by chance with odds about 1/n!, so
-        # only groups of 8 or more count: 3 heads may keep their order by chance), and only then
-        # is a second descent run, from the anchored start, keeping the higher objective: so J is never
-        # below the identity start's, and pairs that do not stall cost nothing more.
+        # Descent from the identity can end far from the best match: on freshly initialised networks
+        # (norm affines all ones / zeros) only the stem and head tell the residual stream's order, the first
+        # sweep fits every block to its identity order, and that fit then outscores the true order. In
+        # transformers a whole group then never moves (the stall); in a ResNet-50 every group moves, yet
+        # the run ends with almost every unit wrong. So the anchored start (one pass, less than a sweep) is
+        # always built, and a second descent runs from it when it already scores clearly above the identity
+        # run's end (by AUTO_MARGIN: the identity run is then stuck far from the best match), or when a
+        # group of eight or more units stalled (the identity is the best order of n units
+        # by chance with odds about 1/n!, so smaller groups may keep their order by chance). The run with
+        # the higher objective is kept (the identity run on ties): J is never below the identity start's,
+        # and pairs the identity run matches well cost one pass more.
         stalled = [g for g in todo if sizes[g] >= 8 and diag[g]["changes"] == 0]
-        if stalled:
-            first = (dict(perm), diag, log)
-            perm = dict(initial)
-            anchored_start()
+        first = (dict(perm), diag, log)
+        j_first = log[-1]["objective"]
+        perm = dict(initial)
+        anchored_start()
+        j_anchored = objective()
+        info = {"objective_at_start": j_anchored, "stalled_groups": stalled[:20], "descended": False, "kept": False}
+        if stalled or j_anchored > j_first + AUTO_MARGIN * abs(j_first):
             diag, log = descend("anchored")
-            if first[2][-1]["objective"] >= log[-1]["objective"]:
-                perm, diag, log = first
-            log[-1]["anchored_start"] = {"stalled_groups": stalled[:20], "kept": log is not first[2]}
+            info.update(descended=True, kept=log[-1]["objective"] > j_first)
+        if not info["kept"]:
+            perm, diag, log = first
+        log[-1]["anchored_start"] = info
     if start == "both" and init is None and free_units is None and groups is None and log:
         # Second start: every group assigned at once by an order-free similarity (_order_free_start).
         # Coordinate descent from the identity fails on freshly initialised transformers: while the
