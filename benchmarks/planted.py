@@ -23,6 +23,8 @@ Usage::
                                  [--json out.json] [--markdown out.md] [--threads 2]
 
 ``--models`` takes ids of the table (``timm-convnext_atto``, ``deep-gpt2``, ...) or substrings of them.
+``--store runs`` adds the networks trained by an experiment (seed 0 of each model, ids ``trained-...``), matched
+on 256 test examples of their own data instead of random inputs: planted recovery on trained weights.
 """
 
 from __future__ import annotations
@@ -94,6 +96,13 @@ DEEP = {
 
 
 def _inputs(shape, n: int, seed: int) -> torch.Tensor:
+    if shape[0] == "data":  # a trained model: its own data's test split
+        from permgraph.data import get as get_data
+
+        test = get_data(**json.loads(shape[1])).test
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(test), generator=g)[:n]
+        return torch.stack([test[int(i)][0] for i in idx])
     g = torch.Generator().manual_seed(seed)
     if shape[0] == "tokens":
         return torch.randint(0, shape[1], (n, shape[2]), generator=g)
@@ -169,6 +178,34 @@ def run_model(build, shape, conditions, methods) -> dict:
     return out
 
 
+def _trained(store: str) -> dict:
+    """id -> (build, data loader) for seed 0 of every model trained in an experiment store, with the
+    store's data (its test split, 256 examples in batches of 64, as the matching inputs)."""
+    import glob
+
+    from permgraph.io import load_state_dict
+
+    out = {}
+    for d in sorted(glob.glob(os.path.join(store, "networks", "*", ""))):
+        if not os.path.exists(d + "final.safetensors"):
+            continue
+        k = json.loads(Path(d + "key.json").read_text())
+        if k["seed"] != 0:
+            continue
+        kw = {**k["model"].get("kwargs", {}), **k.get("override", {})}
+        data = {n: v for n, v in k["data"].items() if v is not None}
+
+        def build(name=k["model"]["name"], kw=kw, path=d + "final.safetensors"):
+            m = create(name, **kw)
+            m.load_state_dict(load_state_dict(path))
+            return m
+
+        label = "trained-" + k["model"]["name"].split(":")[-1] + "".join(f"-{v}" for n, v in kw.items()
+                                                                          if n in ("norm",))
+        out[label] = (build, ("data", json.dumps(data, sort_keys=True)))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="")
@@ -177,11 +214,13 @@ def main(argv=None) -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--markdown", default="")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--store", default="", help="also the trained networks (seed 0) of this experiment store, "
+                                                 "matched on their own data's test split")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    models = {**_test_zoo(), **DEEP}
+    models = {**_test_zoo(), **DEEP, **(_trained(args.store) if args.store else {})}
     if args.models:
         keys = [k.strip() for k in args.models.split(",") if k.strip()]
         models = {m: v for m, v in models.items() if any(k == m or k in m for k in keys)}
