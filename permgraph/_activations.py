@@ -568,6 +568,29 @@ def _checked_pair(key: tuple, spec: PermutationSpec, a: nn.Module, b: nn.Module,
     raise AssertionError("unreachable: the second try exports afresh")
 
 
+TIE_TOL = 1e-4
+"""Activation matching: an exchange of two units that loses at most this share of the similarity's largest
+magnitude counts as a tie, and weights decide between the units (``_tied_units``)."""
+
+
+def _tied_units(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A's units (a bool mask) that the similarity ``s`` cannot tell apart under the assignment ``p``:
+    unit ``i`` is tied when exchanging its partner with some unit ``j``'s (``i`` takes ``p[j]``, ``j``
+    takes ``p[i]``) loses at most ``TIE_TOL`` times ``max |s|``. With Pearson or cosine similarity two
+    nearly dead units that fire on the same one or two inputs correlate perfectly with each other's
+    partners; a planted permutation of MobileNetV2 with random BatchNorm statistics lost 26 of its 9,128
+    units that way."""
+    n = len(p)
+    if n < 2:
+        return torch.zeros(n, dtype=torch.bool)
+    sp = s[:, p.to(s.device)].double()  # sp[i, j] = s[i, p[j]]
+    d = sp.diagonal()
+    loss = (d[:, None] + d[None, :]) - sp - sp.T  # the cost of exchanging the partners of i and j
+    loss.fill_diagonal_(float("inf"))
+    tol = TIE_TOL * max(float(s.abs().max()), 1e-30)
+    return (loss <= tol).any(1).cpu()
+
+
 def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loader: Iterable, *,
                         num_samples: int | None = None, device=None, progress: bool = False, seed: int = 0,
                         max_iter: int = 100, similarity: str = "pearson", residual: str = "activation"):
@@ -671,11 +694,18 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
             perm[h] = p
             diag[h] = {"moved_fraction": float((p != torch.arange(len(p))).float().mean()),
                        "matched_by": "activation (heads of " + ", ".join(nested[h]) + ")"}
+    head_of = {g: h for h, gs in nested.items() for g in gs}
+    tied_counts: dict[str, int] = {}
     for g, m in moments.items():
         s, p = sims[g], solved[g]
-        # units constant on the data (dead ReLUs) cannot be told apart by activations: weights decide
+        # units constant on the data (dead ReLUs) cannot be told apart by activations, nor can units whose
+        # exchange costs nothing on the similarity (nearly dead units active on the same few inputs): weights
+        # decide among them
         dead_a, dead_b = m.constant_units()
-        rows = (dead_a | dead_b[p]).nonzero().squeeze(1).cpu()
+        constant = dead_a | dead_b[p]
+        tied = _tied_units(s, p) if g not in head_of else torch.zeros_like(constant)
+        tied_counts[g] = int((tied.to(constant.device) & ~constant).sum())
+        rows = (constant | tied.to(constant.device)).nonzero().squeeze(1).cpu()
         if len(rows) > 1:
             degenerate[g] = rows
         ar = torch.arange(len(p))
@@ -685,7 +715,8 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
     rest = [g for g in spec.groups if g not in moments and g not in nested]
     log = [{"inputs": seen, "groups_by_activation": len(moments) + len(set(nested) - set(moments)),
             "groups_by_weight": len(rest),
-            "constant_units": {g: len(r) for g, r in degenerate.items()}}]
+            "constant_units": {g: len(r) - tied_counts.get(g, 0) for g, r in degenerate.items()},
+            "tied_units": {g: n for g, n in tied_counts.items() if n}}]
     if rest or degenerate:
         from ._weight import weight_matching
 
@@ -708,12 +739,13 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
                 ar = torch.arange(len(perm[g]))
                 diag[g].update({"similarity_after": float(s[ar, perm[g]].mean()),
                                 "moved_fraction": float((perm[g] != ar).float().mean()),
-                                "constant_units": len(degenerate[g])})
+                                "constant_units": len(degenerate[g]) - tied_counts.get(g, 0)})
+                if tied_counts.get(g):
+                    diag[g]["tied_units"] = tied_counts[g]
     # how clearly each final assignment beats every other on the activation similarity it was matched by
     # (groups matched by weights carry weight matching's); docs/alignment.md, "How sure is each group?"
     from ._weight import _certainty, _head_certainty
 
-    head_of = {g: h for h, gs in nested.items() for g in gs}
     for g in diag:
         if g in nested:
             diag[g].update(_head_certainty(perm[g], sims.get(g), [(sims[n], perm[n]) for n in nested[g]]))

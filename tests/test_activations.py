@@ -8,7 +8,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import permgraph
-from permgraph import _activations
+from permgraph import _activations, models
 from permgraph._activations import _Moments
 from permgraph._solver import assign
 from permgraph.errors import SpecMismatchError
@@ -228,3 +228,24 @@ def test_mobilenetv3_small_with_random_batchnorm_is_matched_exactly():
         al = permgraph.align(a, b, "activation", loader, spec=spec, progress=False, similarity=similarity)
         wrong = {k: int((al.perm[k] != torch.argsort(perm[k])).sum()) for k in spec.groups}
         assert sum(wrong.values()) == 0, (similarity, {k: v for k, v in wrong.items() if v})
+
+
+def test_units_that_activations_cannot_tell_apart_are_matched_by_weights():
+    # unit 2k+1 of the hidden layer computes exactly twice unit 2k (weights and bias doubled), so every pair
+    # correlates perfectly with each other's partner: Pearson ties, and the assignment between the two is
+    # decided by the weights (which differ by the factor 2)
+    torch.manual_seed(0)
+    a = models.create("mlp", in_features=40, width=64, depth=1).eval()
+    with torch.no_grad():
+        w, b = a.layers[0].weight, a.layers[0].bias
+        w[1::2] = 2 * w[0::2]
+        b[1::2] = 2 * b[0::2]
+    spec = permgraph.trace(a)
+    planted = permgraph.random_permutation(spec, 3)
+    pb = permgraph.apply(a, spec, planted)
+    xs = [torch.randn(64, 40, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    al = permgraph.align(a, pb, "activation", xs, spec=spec, progress=False)
+    (g,) = spec.groups
+    assert torch.equal(al.perm[g], planted.inverse()[g])
+    assert al.log[0]["tied_units"][g] >= 2 and al.groups[g]["tied_units"] >= 2
+
