@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from .errors import TraceError
 from .spec import PermutationSpec, tree_groups
 
 DEFAULT_EPS = 1e-5
@@ -162,7 +163,7 @@ def _inputs(spec: PermutationSpec, model: nn.Module, example_inputs) -> tuple | 
         return inputs_like(spec.input_shapes, device)
     try:
         return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in resolve_inputs(model, None))
-    except Exception:
+    except TraceError:  # no inputs can be inferred: the plan is made from the spec alone
         return None
 
 
