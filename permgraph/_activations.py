@@ -585,7 +585,8 @@ def _tied_units(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.bool)
     sp = s[:, p.to(s.device)].double()  # sp[i, j] = s[i, p[j]]
     d = sp.diagonal()
-    loss = (d[:, None] + d[None, :]) - sp - sp.T  # the cost of exchanging the partners of i and j
+    loss = d[:, None] + d[None, :]  # minus sp and sp.T below: the cost of exchanging the partners of i and j
+    loss.sub_(sp).sub_(sp.T)  # in place: one n x n temporary besides sp, not four
     loss.fill_diagonal_(float("inf"))
     tol = TIE_TOL * max(float(s.abs().max()), 1e-30)
     return (loss <= tol).any(1).cpu()
@@ -703,9 +704,9 @@ def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loade
         # decide among them
         dead_a, dead_b = m.constant_units()
         constant = dead_a | dead_b[p]
-        tied = _tied_units(s, p) if g not in head_of else torch.zeros_like(constant)
-        tied_counts[g] = int((tied.to(constant.device) & ~constant).sum())
-        rows = (constant | tied.to(constant.device)).nonzero().squeeze(1).cpu()
+        tied = _tied_units(s, p).to(constant.device) if g not in head_of else torch.zeros_like(constant)
+        tied_counts[g] = int((tied & ~constant).sum())
+        rows = (constant | tied).nonzero().squeeze(1).cpu()
         if len(rows) > 1:
             degenerate[g] = rows
         ar = torch.arange(len(p))

@@ -357,11 +357,19 @@ class TrainConfig:
             raise ValueError(f"checkpoint_unit must be 'epoch' or 'step', got {self.checkpoint_unit!r}")
 
 
-def _positive_int(v) -> bool:
+def _as_int(v) -> int | None:
+    """``v`` as an int when it is one (ints, NumPy ints; not bools or floats), else None."""
+    if isinstance(v, bool):
+        return None
     try:
-        return not isinstance(v, bool) and operator.index(v) >= 1  # ints, NumPy ints; not floats
+        return operator.index(v)
     except TypeError:
-        return False
+        return None
+
+
+def _positive_int(v) -> bool:
+    i = _as_int(v)
+    return i is not None and i >= 1
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
@@ -392,15 +400,10 @@ class _Steps:
 
     def start(self, start_step) -> int:
         """``start_step`` checked against the run: an int in 0..total."""
-        try:
-            if isinstance(start_step, bool):
-                raise TypeError
-            start_step = operator.index(start_step)  # ints, NumPy ints; not floats
-        except TypeError:
-            start_step = None
-        if start_step is None or not 0 <= start_step <= self.total:
+        i = _as_int(start_step)
+        if i is None or not 0 <= i <= self.total:
             raise ValueError(f"start_step must be an int in 0..{self.total} (the run's steps), got {start_step!r}")
-        return start_step
+        return i
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
