@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import _rnn
 from ._atoms import StructureError
 
 aten = torch.ops.aten
@@ -721,10 +722,10 @@ def _used_outputs(node) -> set[int]:
     return used
 
 
-@rule(*_ops("lstm", "gru", "rnn_tanh", "rnn_relu"))
+@rule(*_ops("lstm", "gru", "rnn_tanh", "rnn_relu"), *_rnn.PACKETS)
 def recurrent(cx, node):
     """nn.LSTM / nn.GRU / nn.RNN (``aten.lstm.input``, ``aten.gru.input``, ... and the packed ``.data``
-    forms): one cell per layer and direction, each with its own permutation of its hidden units.
+    forms; ``permgraph.lstm``, ... stand for the unpacked forms in graphs permgraph exports): one cell per layer and direction, each with its own permutation of its hidden units.
 
     The input's feature dim is the columns of layer 0's ``weight_ih`` (both directions); layer l+1's
     ``weight_ih`` columns are the concatenation [forward units, backward units] of layer l's outputs, as

@@ -27,6 +27,7 @@ from ._inputs import (
     record_inputs,
     resolve_inputs,
 )
+from ._rnn import recurrent_as_ops
 from ._walk import Propagator
 from .errors import TraceError
 from .spec import PermutationSpec
@@ -153,7 +154,7 @@ def export(model: nn.Module, example_inputs: tuple, guessed: bool = False) -> to
     details: list[str] = []
     try:
         with _quiet_torch() as details, kept_modes(model), _without_caches(model), torch.no_grad(), \
-                warnings.catch_warnings():
+                recurrent_as_ops(), warnings.catch_warnings():
             # nn.LSTM/GRU/RNN reassign their ``_flat_weights`` list while exported; torch warns about it,
             # harmlessly (the weights are the module's parameters and reach the graph as such)
             warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights")

@@ -280,3 +280,28 @@ def test_lstm_equivalence_with_random_weights(seed):
     spec = permgraph.trace(m, x)
     assert spec.info["verification"]["status"] == "passed"
     _check_function(copy.deepcopy(m), spec, x)
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_export_as_one_op_with_a_shape_only_fake_kernel(cls):
+    """While permgraph exports, a recurrent layer becomes one permgraph op (no fake run of the ATen op's
+    decomposition); the exported graph computes the same function, and nn.LSTM & co are themselves again
+    afterwards (the patch is undone, gradients flow)."""
+    from permgraph._trace import export
+
+    kw = dict(num_layers=2, bidirectional=True, batch_first=True)
+    if cls is nn.LSTM:
+        kw["proj_size"] = 3
+    m = Seq(cls, **kw).eval()
+    x = _x(True)
+    ep = export(m, (x,))
+    name = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn_tanh"}[cls]
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert getattr(torch.ops.permgraph, name).default in targets
+    assert getattr(torch.ops.aten, name).input not in targets
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), m(x), rtol=0, atol=0)
+    assert torch.nn.modules.rnn._VF is torch._VF
+    m.train()
+    m(x).sum().backward()
+    assert m.rnn.weight_hh_l0.grad is not None
