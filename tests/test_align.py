@@ -104,6 +104,24 @@ def test_weight_matching_never_increases_distance_and_is_deterministic(resnet_pa
     assert dist(al.apply(b.state_dict())) < dist(b.state_dict())
 
 
+def test_a_groups_similarity_before_is_its_plain_score_at_the_start():
+    """``similarity_before`` (computed from A's and B's products, without the n x n matrices) is, for each
+    group, the sum over the tensors it acts on of <A, B> -- B as given, or in the order of ``init``."""
+    from permgraph._weight import _groups_in, weight_matching
+
+    torch.manual_seed(0)
+    a, b = models.create("mlp", width=16, depth=3), models.create("mlp", width=16, depth=3)
+    spec = permgraph.trace(a)
+    sa, sb = a.state_dict(), b.state_dict()
+    start = permgraph.random_permutation(spec, 3)
+    for init, sb_start in ((None, sb), (dict(start), permgraph.apply(sb, spec, start))):
+        _, diag, _ = weight_matching(spec, sa, sb, init=init, max_iter=1)
+        for g, d in diag.items():
+            want = sum(float((sa[k].double() * sb_start[k].double()).sum())
+                       for k, trees in spec.axes.items() for t in trees if g in set(_groups_in(t)))
+            assert d["similarity_before"] == pytest.approx(want, rel=1e-6, abs=1e-9), g  # float32 products
+
+
 def test_inverse_after_and_save_load_round_trip(resnet_pair, tmp_path):
     a, b, spec = resnet_pair
     torch.manual_seed(2)
