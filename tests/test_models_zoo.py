@@ -312,3 +312,17 @@ def test_docstring_examples() -> None:
         result = doctest.testmod(mod, extraglobs={"torch": torch, "nn": nn}, verbose=False)
         assert result.failed == 0
         assert result.attempted > 0
+
+
+def test_example_inputs_of_a_timm_model_built_for_another_image_size() -> None:
+    """A ViT or Mixer built with ``img_size=32`` keeps its config's 224 px ``input_size`` but refuses
+    224 px inputs: the guess follows the patch embedding, and tracing without inputs works."""
+    pytest.importorskip("timm")
+    import permgraph
+
+    vit = create("timm:vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1, num_classes=10)
+    assert vit.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert example_inputs_for(vit)[0].shape == (2, 3, 32, 32)
+    mixer = create("timm:MlpMixer", img_size=64, patch_size=16, num_blocks=1, embed_dim=32, in_chans=1)
+    assert example_inputs_for(mixer)[0].shape == (2, 1, 64, 64)
+    assert permgraph.trace(vit).info["verification"]["status"] == "passed"

@@ -560,7 +560,23 @@ def create(name: str, **kw: Any) -> nn.Module:
 # --------------------------------------------------------------------------- #
 # example inputs
 # --------------------------------------------------------------------------- #
+def _built_image_size(model: nn.Module) -> tuple[int, ...] | None:
+    """(C, H, W) of a timm model built for a fixed image size other than its config's (``img_size=32``):
+    the ``img_size`` of its first patch embedding, when that insists on it (``strict_img_size``)."""
+    for pe in model.modules():
+        size, proj = getattr(pe, "img_size", None), getattr(pe, "proj", None)
+        if (getattr(pe, "strict_img_size", False) and isinstance(size, (tuple, list)) and len(size) == 2
+                and isinstance(proj, nn.Conv2d)):
+            return (proj.in_channels, int(size[0]), int(size[1]))
+        if isinstance(pe, (nn.Conv2d, nn.Linear)):  # the first layer comes before any patch embedding
+            return None
+    return None
+
+
 def _cfg_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    built = _built_image_size(model)
+    if built is not None:
+        return built
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if cfg is None:
@@ -606,7 +622,8 @@ def example_inputs_for(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """Return ``(x,)`` with a seeded ``torch.randn`` input for ``model``, or None.
 
     The shape comes from ``model.example_input_shape`` (zoo models), else the
-    timm ``pretrained_cfg``/``default_cfg`` ``input_size``, else the first
+    image size a timm patch embedding insists on, else the timm
+    ``pretrained_cfg``/``default_cfg`` ``input_size``, else the first
     Linear ``(2, in)``, Conv1d ``(2, C, 64)`` or Conv2d ``(2, C, 224, 224)``;
     a Hugging Face model with a vocabulary gets token ids ``(2, 16)``.
     The tensor uses a ``torch.Generator`` seeded 0 and follows the dtype and
