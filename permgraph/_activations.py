@@ -22,7 +22,7 @@ from torch import nn
 
 from . import _blocks
 from ._progress import progress_bar
-from ._solver import assign
+from ._solver import assign, exchange_losses
 from .errors import SpecMismatchError
 from .permutation import Permutation
 from .spec import PermutationSpec, Tree
@@ -580,16 +580,8 @@ def _tied_units(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     nearly dead units that fire on the same one or two inputs correlate perfectly with each other's
     partners; a planted permutation of MobileNetV2 with random BatchNorm statistics lost 26 of its 9,128
     units that way."""
-    n = len(p)
-    if n < 2:
-        return torch.zeros(n, dtype=torch.bool)
-    sp = s[:, p.to(s.device)].double()  # sp[i, j] = s[i, p[j]]
-    d = sp.diagonal()
-    loss = d[:, None] + d[None, :]  # minus sp and sp.T below: the cost of exchanging the partners of i and j
-    loss.sub_(sp).sub_(sp.T)  # in place: one n x n temporary besides sp, not four
-    loss.fill_diagonal_(float("inf"))
     tol = TIE_TOL * max(float(s.abs().max()), 1e-30)
-    return (loss <= tol).any(1).cpu()
+    return exchange_losses(s.double(), p) <= tol
 
 
 def activation_matching(spec: PermutationSpec, a: nn.Module, b: nn.Module, loader: Iterable, *,

@@ -57,12 +57,22 @@ def _score(s: torch.Tensor, p: torch.Tensor) -> float:
     return float(s[torch.arange(len(p), device=s.device), p].sum())
 
 
-def _swap_margin(s: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> float:
-    """``min over i != j of S[i, p[i]] + S[j, p[j]] - S[i, p[j]] - S[j, p[i]]`` (``q`` = inverse of ``p``)."""
+def exchange_losses(s: torch.Tensor, p: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """For each of A's units ``i``, the least loss of exchanging its partner with another unit's:
+    ``min over j != i of S[i, p[i]] + S[j, p[j]] - S[i, p[j]] - S[j, p[i]]`` (an (n,) tensor; ``q`` = the
+    inverse of ``p``, computed when not given). Blockwise over the upper triangle (the loss is symmetric
+    in ``i`` and ``j``): no n x n temporaries besides ``s``, and cache-sized transposes."""
     n = len(p)
+    if n < 2:
+        return torch.full((n,), math.inf, dtype=s.dtype)
+    p = p.to(s.device)
+    if q is None:
+        q = torch.empty_like(p)
+        q[p] = torch.arange(n, device=s.device)
+    q = q.to(s.device)
     d = s[q, torch.arange(n, device=s.device)]  # with Q = S[q]: d[k] = Q[k, k], the score of column k's match
-    m = math.inf
-    bs = min(64, n)  # row blocks of the upper triangle: no n x n temporaries, and cache-sized transposes
+    best = torch.full((n,), -math.inf, dtype=s.dtype, device=s.device)  # per column k of Q: -(least loss)
+    bs = min(64, n)
     # work buffers allocated once (fresh large blocks per step cost page faults: twice the time in a run)
     bu, bl, bd = (torch.empty(bs * n, dtype=s.dtype, device=s.device) for _ in range(3))
     for a in range(0, n, bs):
@@ -76,8 +86,16 @@ def _swap_margin(s: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> float:
         torch.add(d[a:b, None], d[None, a:], out=dd)
         u.sub_(dd)
         u[:, :r].diagonal().fill_(-math.inf)
-        m = min(m, 0.0 - float(u.max()))  # not -0.0 for a tie
-    return m
+        torch.maximum(best[a:b], u.max(1).values, out=best[a:b])
+        torch.maximum(best[a:], u.max(0).values, out=best[a:])
+    out = torch.empty_like(best)
+    out[q] = 0.0 - best  # column k of Q is A's unit q[k]; not -0.0 for a tie
+    return out.cpu()
+
+
+def _swap_margin(s: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> float:
+    """``min over i != j of S[i, p[i]] + S[j, p[j]] - S[i, p[j]] - S[j, p[i]]`` (``q`` = inverse of ``p``)."""
+    return float(exchange_losses(s, p, q).min())
 
 
 def margins(similarity, p, *, exact_max: int = EXACT_MARGIN_MAX) -> list[float]:

@@ -144,3 +144,27 @@ def test_activation_matching_reports_margin_and_confidence():
     x = torch.randn(512, 40, generator=torch.Generator().manual_seed(2))
     al = permgraph.align(a, b, "activation", [x[:256], x[256:]], spec=spec, progress=False)
     _check_twins(al, spec)
+
+
+@pytest.mark.parametrize("n", [2, 3, 64, 65, 130])
+def test_exchange_losses_are_each_units_least_loss_over_all_exchanges(n):
+    """The blockwise per-unit exchange losses (behind the tie rule and the swap margin) equal the
+    brute-force n x n computation, for the optimal assignment and for a random one, ties included."""
+    from permgraph._solver import _swap_margin, assign, exchange_losses
+
+    gen = torch.Generator().manual_seed(n)
+    s = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    if n > 3:
+        s[1] = s[2]  # two units A cannot tell apart: their least exchange loss is exactly 0
+    for p in (assign(s), torch.randperm(n, generator=gen)):
+        sp = s[:, p]
+        d = sp.diagonal()
+        loss = d[:, None] + d[None, :] - sp - sp.T
+        loss.fill_diagonal_(float("inf"))
+        want = loss.min(1).values
+        torch.testing.assert_close(exchange_losses(s, p), want, rtol=0, atol=1e-12)
+        q = torch.empty_like(p)
+        q[p] = torch.arange(n)
+        assert _swap_margin(s, p, q) == pytest.approx(float(want.min()), abs=1e-12)
+    if n > 3:
+        assert float(exchange_losses(s, assign(s))[1]) == 0.0

@@ -305,3 +305,21 @@ def test_recurrent_layers_export_as_one_op_with_a_shape_only_fake_kernel(cls):
     m.train()
     m(x).sum().backward()
     assert m.rnn.weight_hh_l0.grad is not None
+
+
+def test_export_skips_stack_traces_and_puts_torchs_setting_back():
+    """permgraph exports without recording each node's Python stack (it reads module paths only), and
+    leaves torch.fx's setting as it found it, also when export fails."""
+    import torch.fx.config as fx_config
+
+    from permgraph._trace import export
+    from permgraph.errors import TraceError
+
+    m = Seq(nn.GRU).eval()
+    ep = export(m, (_x(False),))
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is torch.ops.permgraph.gru.default]
+    assert calls and not calls[0].meta.get("stack_trace") and calls[0].meta.get("nn_module_stack")
+    assert fx_config.do_not_emit_stack_traces is False
+    with pytest.raises(TraceError):
+        export(m, (torch.randn(2, 5, 7),))  # wrong feature size
+    assert fx_config.do_not_emit_stack_traces is False
