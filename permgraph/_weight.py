@@ -19,7 +19,7 @@ from . import _blocks
 from ._progress import progress_bar
 from ._solver import assign, confidence, confidences, margins
 from .errors import SpecMismatchError
-from .permutation import Permutation, axis_index
+from .permutation import Permutation, axis_index, take
 from .spec import PermutationSpec, Tree
 
 STAT_SUFFIXES = ("running_mean", "running_var")
@@ -189,6 +189,7 @@ def _magnitude_zeroed(t: torch.Tensor, fraction: float, mode: str) -> torch.Tens
 # ---------------------------------------------------------------------------------------------- weight matching
 def _permuted(t: torch.Tensor, trees: list[Tree], perm: Mapping[str, torch.Tensor], sizes, skip_dim=None,
               skip_group=None) -> torch.Tensor:
+    moved: dict[int, torch.Tensor] = {}
     for d, tree in enumerate(trees):
         if isinstance(tree, int):
             continue
@@ -198,8 +199,8 @@ def _permuted(t: torch.Tensor, trees: list[Tree], perm: Mapping[str, torch.Tenso
             p[skip_group] = torch.arange(sizes[skip_group])
         idx = axis_index(tree, p, sizes)
         if idx is not None:
-            t = t.index_select(d, idx.to(t.device))
-    return t
+            moved[d] = idx
+    return take(t, moved)
 
 
 def _slices(t: torch.Tensor, m: _Member) -> torch.Tensor:

