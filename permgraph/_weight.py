@@ -301,12 +301,6 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
 
     j_start = objective()
 
-    def plain_score(g: str) -> float:
-        if g in heads and not members.get(g):  # a head group scores what its nested groups score
-            return sum(plain_score(n) for n in heads[g])
-        s = similarity(g, False)
-        return float(s[torch.arange(sizes[g], device=dev), perm[g].to(dev)].sum())
-
     def head_step(h: str) -> tuple[float, float, dict[str, torch.Tensor]]:
         """Heads and the insides of their movable nested groups at once (``_blocks.heads``); returns the
         score before, after, and the new permutations."""
@@ -333,24 +327,23 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
         return old, new, {h: new_h, **full}
 
     def diagonal_scores() -> dict[str, float]:
-        """``plain_score`` of every group at once: the chosen entries of a group's similarity are the
-        products of A's slices with B's fully permuted slices, so no n x n matrix is built (each permuted
-        tensor is cut once and shared by its groups)."""
+        """Each group's plain score at the current permutations: the sum of its similarity's chosen
+        entries, which are the products of A's slices with B's fully permuted slices, so no n x n matrix is
+        built (each permuted tensor is cut once and shared by its groups). A head group without members
+        of its own scores what its nested groups score."""
         full: dict[str, torch.Tensor] = {}
-        out: dict[str, float] = {}
-        for g in todo:
-            if not members.get(g):
-                continue
+
+        def score(g: str) -> float:
+            if g in heads and not members.get(g):
+                return sum(score(n) for n in heads[g])
             tot = 0.0
-            for m in members[g]:
+            for m in members.get(g, ()):
                 if m.key not in full:
                     full[m.key] = _permuted(B[m.key], spec.axes[m.key], perm, sizes)
                 tot += float((a_slices(m) * _slices(full[m.key], m)).sum(dtype=torch.float64))
-            out[g] = tot
-        for h in heads:  # a head group without members of its own scores what its nested groups score
-            if h in todo and not members.get(h):
-                out[h] = sum(out.get(n, 0.0) for n in heads[h])
-        return out
+            return tot
+
+        return {g: score(g) for g in todo}
 
     # per-group diagnostics use the plain objective, measured before the first and after the last sweep
     before = diagonal_scores()
@@ -364,7 +357,6 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                                                "last_changed_sweep": 0} for g in todo}
         bar = progress_bar(progress, max_iter, f"weight matching ({label} start, sweeps)")
         sweeps = 0
-        last_plain: dict[str, float] = {}  # plain similarity at each group's last visit
         last_sim: dict[str, torch.Tensor] = {}  # and its matrix (kept for the margins: no recomputation)
         phase = "invariant" if nested and free_units is None else "plain"
         for it in range(max_iter):
@@ -401,7 +393,6 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                     new_p = assign(s)
                 new = float(s[ar, new_p.to(dev)].sum())
                 if phase == "plain" and not (phase == "invariant" and g in nested):
-                    last_plain[g] = max(new, old)
                     last_sim[g] = s
                 if new > old + 1e-9 * max(1.0, abs(old)):
                     perm[g] = new_p
@@ -428,15 +419,11 @@ def weight_matching(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
                 final[g] = similarity(g, False)
             return final[g]
 
+        # computed like similarity_before (the same products, summed alike), so that a group that did not
+        # move reports exactly the same value before and after
+        after = diagonal_scores()
         for g, d in diag.items():
-            # a final sweep that changed nothing visited every group at its final permutation
-            if converged and g in last_plain:
-                d["similarity_after"] = last_plain[g]
-            elif members.get(g):
-                s = final_sim(g)
-                d["similarity_after"] = float(s[torch.arange(sizes[g], device=dev), perm[g].to(dev)].sum())
-            else:
-                d["similarity_after"] = plain_score(g)
+            d["similarity_after"] = after[g]
             d["moved_fraction"] = float((perm[g] != torch.arange(sizes[g])).float().mean())
             d["sweeps"] = sweeps
             # how clearly the final assignment beats every other (docs/alignment.md, "How sure is each group?")

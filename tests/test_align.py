@@ -120,6 +120,9 @@ def test_a_groups_similarity_before_is_its_plain_score_at_the_start():
             want = sum(float((sa[k].double() * sb_start[k].double()).sum())
                        for k, trees in spec.axes.items() for t in trees if g in set(_groups_in(t)))
             assert d["similarity_before"] == pytest.approx(want, rel=1e-6, abs=1e-9), g  # float32 products
+    # a group that does not move reports exactly the same score after as before (computed alike)
+    _, diag, _ = weight_matching(spec, sa, sa)
+    assert all(d["similarity_after"] == d["similarity_before"] for d in diag.values())
 
 
 def test_inverse_after_and_save_load_round_trip(resnet_pair, tmp_path):
