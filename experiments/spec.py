@@ -222,6 +222,9 @@ class ZooModel(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments")
     train: dict[str, Any] = Field(default_factory=dict, description="training settings of this model that differ "
                                   "from the spec's train (any field of train)")
+    matching: dict[str, Any] = Field(default_factory=dict, description="matching settings of this model that "
+                                     "differ from the spec's matching (any field but methods, which are the "
+                                     "table's columns), e.g. {residual: weight} for a transformer")
 
 
 class ZooExperiment(_Base):
@@ -246,7 +249,23 @@ class ZooExperiment(_Base):
                 raise ValueError(f"models[{m.label}].train: unknown fields {unknown} (allowed: "
                                  f"{', '.join(TrainSpec.model_fields)})")
             self.train_of(m)
+            unknown = sorted(set(m.matching) - set(MatchSpec.model_fields))
+            if unknown:
+                raise ValueError(f"models[{m.label}].matching: unknown fields {unknown} (allowed: "
+                                 f"{', '.join(f for f in MatchSpec.model_fields if f != 'methods')})")
+            if "methods" in m.matching:
+                raise ValueError(f"models[{m.label}].matching: methods are the table's columns, the same for "
+                                 "every model: set them in the spec's matching")
+            self.matching_of(m)
         return self
+
+    def matching_of(self, m: ZooModel) -> MatchSpec:
+        """The matching settings of model ``m``: the spec's ``matching`` with ``m.matching`` over it."""
+        try:
+            return MatchSpec(**{**self.matching.model_dump(), **m.matching})
+        except ValidationError as e:
+            raise ValueError(f"models[{m.label}].matching: {e.errors()[0]['loc'][0]}: "
+                             f"{e.errors()[0]['msg']}") from None
 
     def train_of(self, m: ZooModel) -> TrainSpec:
         """The training settings of model ``m``: the spec's ``train`` with ``m.train`` over it."""
@@ -259,7 +278,7 @@ class ZooExperiment(_Base):
         """The pair experiment this spec runs for model ``m`` (its networks are shared with pair runs of the
         same model, data and training)."""
         return PairExperiment(kind="pair", name=f"{self.name}-{m.label}", model=ModelSpec(name=m.name,
-                              kwargs=m.kwargs), data=self.data, train=self.train_of(m), matching=self.matching,
+                              kwargs=m.kwargs), data=self.data, train=self.train_of(m), matching=self.matching_of(m),
                               barrier=self.barrier, seeds=self.seeds)
 
 

@@ -17,7 +17,7 @@ ZOO = {
         {"label": "mlp", "name": "mlp", "kwargs": {"in_features": 768, "width": 32, "depth": 2}},
         {"label": "vit", "name": "timm:vit_tiny_patch16_224",
          "kwargs": {"img_size": 16, "patch_size": 8, "depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": 10},
-         "train": {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}},
+         "train": {"optimizer": "adamw", "lr": 0.003, "weight_decay": 0.0}, "matching": {"residual": "weight"}},
         {"label": "typo", "name": "timm:resnett18"},
         {"label": "wrong_input", "name": "mlp", "kwargs": {"in_features": 10}},
     ],
@@ -121,6 +121,21 @@ def test_zoo_spec_errors_name_the_model():
         experiments.parse({**ZOO, "models": [{"label": "a", "name": "mlp", "train": {"epochz": 3}}]})
     with pytest.raises(SpecError, match=r"models\[a\]\.train: lr"):
         experiments.parse({**ZOO, "models": [{"label": "a", "name": "mlp", "train": {"lr": -1}}]})
+    with pytest.raises(SpecError, match=r"models\[a\]\.matching: unknown fields \['residuals'\]"):
+        experiments.parse({**ZOO, "models": [{"label": "a", "name": "mlp", "matching": {"residuals": "weight"}}]})
+    with pytest.raises(SpecError, match=r"models\[a\]\.matching: methods are the table's columns"):
+        experiments.parse({**ZOO, "models": [{"label": "a", "name": "mlp", "matching": {"methods": ["weight"]}}]})
+    with pytest.raises(SpecError, match=r"models\[a\]\.matching: residual"):
+        experiments.parse({**ZOO, "models": [{"label": "a", "name": "mlp", "matching": {"residual": "both"}}]})
+
+
+def test_a_model_may_set_its_own_matching():
+    """A model's matching settings go over the spec's for that model only (a transformer's residual stream
+    by weights, say); the others keep the spec's."""
+    spec = experiments.parse(ZOO)
+    vit, mlp = (next(m for m in spec.models if m.label == x) for x in ("vit", "mlp"))
+    assert spec.pair_spec(vit).matching.residual == "weight" and spec.pair_spec(vit).matching.num_samples == 200
+    assert spec.pair_spec(mlp).matching.residual == "activation"
 
 
 def test_zoo_presets_validate_and_name_known_models():
