@@ -227,6 +227,24 @@ class ZooModel(_Strict):
                                      "table's columns), e.g. {residual: weight} for a transformer")
 
 
+def _overridden(base, over: dict[str, Any], label: str, what: str, fixed: dict[str, str] | None = None):
+    """``base`` (a settings model) with the fields of ``over`` over it, for the zoo's model ``label``;
+    ``fixed`` names fields a model may not set, with the reason. Errors name the model and the field."""
+    cls = type(base)
+    fixed = fixed or {}
+    unknown = sorted(set(over) - set(cls.model_fields))
+    if unknown:
+        allowed = ", ".join(f for f in cls.model_fields if f not in fixed)
+        raise ValueError(f"models[{label}].{what}: unknown fields {unknown} (allowed: {allowed})")
+    for field, why in fixed.items():
+        if field in over:
+            raise ValueError(f"models[{label}].{what}: {why}")
+    try:
+        return cls(**{**base.model_dump(), **over})
+    except ValidationError as e:
+        raise ValueError(f"models[{label}].{what}: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+
+
 class ZooExperiment(_Base):
     """One protocol across architectures: per model, seed pairs trained alike, barriers unaligned and after
     each matching method, the self-permuted control, trace coverage and wall time per phase."""
@@ -244,35 +262,18 @@ class ZooExperiment(_Base):
         if dup:
             raise ValueError(f"models: labels must be unique; repeated: {dup}")
         for m in self.models:
-            unknown = sorted(set(m.train) - set(TrainSpec.model_fields))
-            if unknown:
-                raise ValueError(f"models[{m.label}].train: unknown fields {unknown} (allowed: "
-                                 f"{', '.join(TrainSpec.model_fields)})")
             self.train_of(m)
-            unknown = sorted(set(m.matching) - set(MatchSpec.model_fields))
-            if unknown:
-                raise ValueError(f"models[{m.label}].matching: unknown fields {unknown} (allowed: "
-                                 f"{', '.join(f for f in MatchSpec.model_fields if f != 'methods')})")
-            if "methods" in m.matching:
-                raise ValueError(f"models[{m.label}].matching: methods are the table's columns, the same for "
-                                 "every model: set them in the spec's matching")
             self.matching_of(m)
         return self
 
-    def matching_of(self, m: ZooModel) -> MatchSpec:
-        """The matching settings of model ``m``: the spec's ``matching`` with ``m.matching`` over it."""
-        try:
-            return MatchSpec(**{**self.matching.model_dump(), **m.matching})
-        except ValidationError as e:
-            raise ValueError(f"models[{m.label}].matching: {e.errors()[0]['loc'][0]}: "
-                             f"{e.errors()[0]['msg']}") from None
-
     def train_of(self, m: ZooModel) -> TrainSpec:
         """The training settings of model ``m``: the spec's ``train`` with ``m.train`` over it."""
-        try:
-            return TrainSpec(**{**self.train.model_dump(), **m.train})
-        except ValidationError as e:
-            raise ValueError(f"models[{m.label}].train: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+        return _overridden(self.train, m.train, m.label, "train")
+
+    def matching_of(self, m: ZooModel) -> MatchSpec:
+        """The matching settings of model ``m``: the spec's ``matching`` with ``m.matching`` over it."""
+        return _overridden(self.matching, m.matching, m.label, "matching", fixed={
+            "methods": "methods are the table's columns, the same for every model: set them in the spec's matching"})
 
     def pair_spec(self, m: ZooModel) -> PairExperiment:
         """The pair experiment this spec runs for model ``m`` (its networks are shared with pair runs of the

@@ -219,7 +219,8 @@ def permute_state_dict(state: Mapping[str, torch.Tensor], spec: PermutationSpec,
 
 
 def take(t: torch.Tensor, moved: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """``t`` with each dim ``d`` in ``moved`` reordered by its index (``new = old[index]``), as a new tensor.
+    """``t`` with each dim ``d`` in ``moved`` reordered by its index (``new = old[index]``): a new tensor,
+    or ``t`` itself when nothing moves.
 
     One ``index_select`` per dim, except when two or more dims move and the last of them is the tensor's
     last dim (a Linear weight, an LSTM's gate matrices): ``index_select`` along the last dim gathers one
