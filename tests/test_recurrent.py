@@ -308,18 +308,23 @@ def test_recurrent_layers_export_as_one_op_with_a_shape_only_fake_kernel(cls):
 
 
 def test_export_skips_stack_traces_and_puts_torchs_setting_back():
-    """permgraph exports without recording each node's Python stack (it reads module paths only), and
-    leaves torch.fx's setting as it found it, also when export fails."""
+    """permgraph exports without recording each node's Python stack (it reads module paths only) and with
+    lazy graph modules (the code is generated once, when first needed), and leaves both of torch.fx's
+    settings as it found them, also when export fails. The lazily compiled graph still runs exactly."""
+    import torch.fx._lazy_graph_module as lazy
     import torch.fx.config as fx_config
 
     from permgraph._trace import export
     from permgraph.errors import TraceError
 
     m = Seq(nn.GRU).eval()
-    ep = export(m, (_x(False),))
+    x = _x(False)
+    ep = export(m, (x,))
     calls = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is torch.ops.permgraph.gru.default]
     assert calls and not calls[0].meta.get("stack_trace") and calls[0].meta.get("nn_module_stack")
-    assert fx_config.do_not_emit_stack_traces is False
+    assert fx_config.do_not_emit_stack_traces is False and lazy._use_lazy_graph_module_flag is False
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), m(x), rtol=0, atol=0)
     with pytest.raises(TraceError):
         export(m, (torch.randn(2, 5, 7),))  # wrong feature size
-    assert fx_config.do_not_emit_stack_traces is False
+    assert fx_config.do_not_emit_stack_traces is False and lazy._use_lazy_graph_module_flag is False
