@@ -326,7 +326,7 @@ class Context:
             if method in ("weight", "weight_folded"):
                 fold = {"fold_bn": True} if method == "weight_folded" else {}
                 return permgraph.align(a, b, "weight", spec=spec, max_iter=m.max_iter, progress=False,
-                                       exclude=m.exclude, **fold)
+                                       exclude=m.exclude, start=m.start, **fold)
             return permgraph.align(a, b, "activation", loader=self.match_loader(), spec=spec,
                                    num_samples=m.num_samples, similarity=m.similarity, residual=m.residual,
                                    max_iter=m.max_iter,

@@ -125,7 +125,7 @@ def _align_kw(ctx: Context) -> dict[str, Any]:
     if _method(ctx) == "activation":
         return {"similarity": m.similarity, "max_iter": m.max_iter, "num_samples": m.num_samples}
     fold = {"fold_bn": True} if _method(ctx) == "weight_folded" else {}
-    return {"max_iter": m.max_iter, "exclude": list(m.exclude), **fold}
+    return {"max_iter": m.max_iter, "exclude": list(m.exclude), "start": m.start, **fold}
 
 
 def barriers_unit(ctx: Context, sa: int, sb: int) -> dict[str, Any]:

@@ -67,6 +67,9 @@ class MatchSpec(_Strict):
                                           "transformer's residual stream) matched by weights ('weight')")
     num_samples: int = Field(default=4000, ge=1, description="training inputs used by activation matching")
     max_iter: int = Field(default=100, ge=1, description="weight-matching sweeps at most")
+    start: Literal["auto", "identity", "anchored", "both"] = Field(
+        default="auto", description="where weight matching's coordinate descent starts (align(..., start=)), "
+                                    "for the weight and weight_folded methods; 'identity' is plain Git Re-Basin")
     exclude: list[str] = Field(default_factory=list, description="state-dict keys left out of weight matching")
 
 

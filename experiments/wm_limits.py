@@ -59,7 +59,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 what = f"{x:g} of the {mode} weights zeroed" if x > 0 else "plain"
                 with ctx.tracker.step(f"weight matching ({what})"):
                     al = permgraph.align(a, b, "weight", spec=perm_spec, max_iter=m.max_iter,
-                                         exclude=m.exclude, progress=False, **opts)
+                                         exclude=m.exclude, start=m.start, progress=False, **opts)
                 return {"fraction": x, "mode": mode, "perm": perm_lists(al.perm),
                         "moved": 1.0 - al.fixed_fraction,
                         "barrier": bar(a, al.apply(b), f"after weight matching ({what})")}

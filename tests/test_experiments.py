@@ -73,6 +73,25 @@ def test_run_hashes_are_pinned_and_ignore_fields_left_at_their_defaults():
     assert experiments.parse(changed).run_name() == "pair-t-cd30241d5930"
 
 
+def test_matching_start_reaches_weight_matching(tmp_path):
+    """matching.start is where weight matching's descent starts (align(..., start=)); left at "auto" it does
+    not change the run hash, and a wrong value names the allowed ones."""
+    base = experiments.parse(TINY)
+    assert experiments.parse({**TINY, "matching": {**TINY["matching"], "start": "auto"}}).run_name() == base.run_name()
+    with pytest.raises(SpecError, match="matching.start: Input should be 'auto', 'identity', 'anchored' or 'both'"):
+        experiments.parse({**TINY, "matching": {"start": "random"}})
+    starts = {}
+    for start in ("auto", "anchored"):
+        ctx = Context(experiments.parse({**TINY, "matching": {**TINY["matching"], "start": start}}), Store(tmp_path),
+                      progress=False)
+        a, b = ctx.build(0), ctx.build(1)
+        al = ctx.align(a, b, "weight", ctx.trace(a))
+        starts[start] = [e["start"] for e in al.log if "start" in e]
+        direct = permgraph.align(a, b, "weight", spec=ctx.trace(a), start=start, progress=False)
+        assert all(torch.equal(al.perm[g], direct.perm[g]) for g in al.perm)
+    assert starts["auto"][0] == "identity" and set(starts["anchored"]) == {"anchored"}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("store")
