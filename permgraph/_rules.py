@@ -725,7 +725,8 @@ def _used_outputs(node) -> set[int]:
 @rule(*_ops("lstm", "gru", "rnn_tanh", "rnn_relu"), *_rnn.PACKETS)
 def recurrent(cx, node):
     """nn.LSTM / nn.GRU / nn.RNN (``aten.lstm.input``, ``aten.gru.input``, ... and the packed ``.data``
-    forms; ``permgraph.lstm``, ... stand for the unpacked forms in graphs permgraph exports): one cell per layer and direction, each with its own permutation of its hidden units.
+    forms; ``permgraph.lstm``, ... stand for the unpacked forms in graphs permgraph exports): one cell per
+    layer and direction, each with its own permutation of its hidden units.
 
     The input's feature dim is the columns of layer 0's ``weight_ih`` (both directions); layer l+1's
     ``weight_ih`` columns are the concatenation [forward units, backward units] of layer l's outputs, as
